@@ -1,0 +1,1 @@
+"""Analyses of learned representations: invariance to the jigsaw transform, kNN."""

@@ -1,0 +1,170 @@
+"""Image data sets: ImageFolder or flat folders on disk, and the small embedded default set."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from pirl.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
+EMBEDDED_VERSION = "embedded-v1"
+
+
+@dataclass
+class ImageList:
+    """Files and integer labels of a data set; label -1 for an unlabelled flat folder."""
+
+    root: Path
+    paths: list[Path]
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTS
+
+
+def list_images(root: str | Path) -> ImageList:
+    """Read an ImageFolder tree (one sub-folder per class) or a flat folder searched recursively."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"{root}: data folder does not exist")
+    if not root.is_dir():
+        raise UserError(f"{root}: not a folder")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    top_images = sorted(p for p in root.iterdir() if _is_image(p))
+    paths: list[Path] = []
+    labels: list[int] = []
+    classes: list[str] = []
+    if subdirs and not top_images:
+        for d in subdirs:
+            files = sorted(p for p in d.rglob("*") if _is_image(p))
+            if files:
+                classes.append(d.name)
+                paths += files
+                labels += [len(classes) - 1] * len(files)
+    else:
+        paths = sorted(p for p in root.rglob("*") if _is_image(p))
+        labels = [-1] * len(paths)
+    if not paths:
+        exts = "/".join(sorted(e.lstrip(".") for e in IMAGE_EXTS))
+        raise UserError(f"{root}: no images ({exts}) found")
+    return ImageList(root, paths, labels, classes)
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode fully (so truncation is caught here) and convert to RGB, naming the file on failure."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable image ({exc})") from None
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Yields (transform(image), label, index); bad images raise or, with skip_bad, yield None."""
+
+    def __init__(self, images: ImageList, transform: Callable[[Image.Image], Any], skip_bad: bool = False):
+        self.images, self.transform, self.skip_bad = images, transform, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int] | None:
+        try:
+            img = load_image(self.images.paths[index])
+        except UserError as exc:
+            if not self.skip_bad:
+                raise
+            log.warning("skipping %s", exc)
+            return None
+        return self.transform(img), self.images.labels[index], index
+
+
+def collate_skipping(batch: list[Any]) -> tuple[Any, int]:
+    """Default collate over the good samples; also returns how many were skipped."""
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, skipped
+    return torch.utils.data.default_collate(good), skipped
+
+
+def cache_dir() -> Path:
+    """Where generated data lives: $PIRL_TOOLS_CACHE or ~/.cache/pirl-tools."""
+    return Path(os.environ.get("PIRL_TOOLS_CACHE", Path.home() / ".cache" / "pirl-tools"))
+
+
+def _photos() -> list[np.ndarray]:
+    """Colour photographs that ship inside scikit-image (no download)."""
+    from skimage import data as skdata
+
+    return [getattr(skdata, n)() for n in ("astronaut", "chelsea", "coffee", "rocket")]
+
+
+def embedded_images(size: int = 64, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """scikit-learn's 1,797 real handwritten digits, upsampled and drawn in colour over
+    random crops of scikit-image's sample photos: a small real set with 10 classes."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    photos = _photos()
+    out: list[np.ndarray] = []
+    for img8 in digits.images:
+        photo = photos[rng.integers(len(photos))]
+        h, w = photo.shape[:2]
+        scale = rng.uniform(1.5, 4.0)
+        ch, cw = int(size * scale), int(size * scale)
+        y, x = rng.integers(0, h - ch), rng.integers(0, w - cw)
+        bg = np.asarray(Image.fromarray(photo[y : y + ch, x : x + cw]).resize((size, size), Image.BILINEAR))
+        glyph_size = int(size * rng.uniform(0.55, 0.85))
+        glyph = Image.fromarray((img8 / 16.0 * 255).astype(np.uint8)).resize(
+            (glyph_size, glyph_size), Image.BICUBIC
+        )
+        alpha = np.asarray(glyph, dtype=np.float32)[..., None] / 255.0
+        colour = rng.uniform(0, 255, size=3).astype(np.float32)
+        oy, ox = rng.integers(0, size - glyph_size + 1, size=2)
+        canvas = bg.astype(np.float32) * 0.6
+        patch = canvas[oy : oy + glyph_size, ox : ox + glyph_size]
+        canvas[oy : oy + glyph_size, ox : ox + glyph_size] = patch * (1 - alpha) + colour * alpha
+        out.append(canvas.clip(0, 255).astype(np.uint8))
+    return out, digits.target.astype(np.int64)
+
+
+def embedded_root(size: int = 64) -> Path:
+    """Write the embedded set once as an ImageFolder tree (train/ and val/, 4:1) and return its root."""
+    root = cache_dir() / f"{EMBEDDED_VERSION}-{size}"
+    done = root / ".complete"
+    if done.exists():
+        return root
+    images, labels = embedded_images(size)
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    for i, (img, label) in enumerate(zip(images, labels)):
+        split = "val" if i % 5 == 0 else "train"
+        d = tmp / split / f"digit{label}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{i:04d}.png")
+    (tmp / ".complete").touch()
+    try:
+        os.replace(tmp, root)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    return root

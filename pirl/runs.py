@@ -1,0 +1,84 @@
+"""Run folders: the resolved config, metrics and results every command writes, and device/seed set-up."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """Pick cuda when present for 'auto', so the same command runs on a laptop and a GPU node."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch so a run repeats exactly on the CPU."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a sibling temp file then rename, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a temp file and rename: the previous checkpoint survives any crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """A run folder holding config.json, metrics.csv and results.json, so any result can be repeated."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def write_config(self, config: Mapping[str, Any]) -> Path:
+        """Record the fully resolved config (every default made explicit)."""
+        data = json.dumps(dict(config), indent=2, sort_keys=True, default=str).encode()
+        atomic_write_bytes(self.path("config.json"), data)
+        return self.path("config.json")
+
+    def append_metrics(self, row: Mapping[str, Any], name: str = "metrics.csv") -> None:
+        """Append one row; the header is written with the first row."""
+        path = self.path(name)
+        new = not path.exists()
+        with open(path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(dict(row))
+
+    def write_results(self, results: Mapping[str, Any]) -> Path:
+        """Write results.json atomically."""
+        data = json.dumps(dict(results), indent=2, sort_keys=True, default=str).encode()
+        atomic_write_bytes(self.path("results.json"), data)
+        return self.path("results.json")
