@@ -174,4 +174,4 @@ def test_iou_must_exceed_threshold_strictly():
     # Inclusive pixels: 10x10 box inside a 10x20 box -> IoU exactly 100/200 = 0.5.
     gt = {"a": GroundTruth(np.array([[1.0, 1, 10, 10]]), np.array([False]))}
     half = Detections(["a"], np.array([1.0]), np.array([[1.0, 1, 10, 20]]))
-    assert class_ap(gt, half, (0.5, 0.49), True).tolist() == [0.0, 1.0]
+    np.testing.assert_allclose(class_ap(gt, half, (0.5, 0.49), True), [0.0, 1.0])
