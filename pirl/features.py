@@ -1,0 +1,224 @@
+"""Frozen-trunk features: any stage, the benchmarks' pooling, sharded batch inference, disk cache.
+
+Every evaluation (SVM and linear probes, kNN, invariance) goes through `FeatureExtractor`, so
+that one layer name means the same vector everywhere.
+
+Pooling (VISSL's VOC07/linear benchmark for ResNet-50 at 224, about 9k dims per layer):
+conv1 avgpool k10 s10 p4 (112 -> 12x12), res2 k16 s8 (56 -> 6x6), res3 k13 s5 (28 -> 4x4),
+res4 k8 s3 (14 -> 3x3), res5 k6 s1 (7 -> 2x2); `res5avg` is the res5 global average. At
+other input sizes the stage maps differ, so the same output grid is obtained with adaptive
+average pooling; at other widths the grid is the same and the dims scale with the channels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from pirl.data import cache_dir
+from pirl.runs import resolve_device
+from pirl.trunk import Trunk
+
+LAYERS = ("conv1", "res2", "res3", "res4", "res5", "res5avg")
+# (kernel, stride, padding) of the published pooling, the stage map size it was designed for
+# (ResNet-50 at 224), and the output grid it gives.
+BENCHMARK_POOL = {
+    "conv1": ((10, 10, 4), 112, 12),
+    "res2": ((16, 8, 0), 56, 6),
+    "res3": ((13, 5, 0), 28, 4),
+    "res4": ((8, 3, 0), 14, 3),
+    "res5": ((6, 1, 0), 7, 2),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _stage(layer: str) -> str:
+    if layer not in LAYERS:
+        raise ValueError(f"unknown layer {layer!r}; choose from {LAYERS}")
+    return "res5" if layer == "res5avg" else layer
+
+
+def pool_stage(x: torch.Tensor, layer: str) -> torch.Tensor:
+    """Pool a stage map to the benchmark's grid and flatten, so probes see ~9k dims per layer."""
+    if _stage(layer) != layer:
+        return x.mean(dim=(2, 3))
+    (k, s, p), ref, grid = BENCHMARK_POOL[layer]
+    if x.shape[-2:] == (ref, ref):
+        x = F.avg_pool2d(x, k, s, p)
+    else:
+        x = F.adaptive_avg_pool2d(x, grid)
+    return x.flatten(1)
+
+
+def feature_dim(trunk: Trunk, layer: str) -> int:
+    """Length of one pooled feature vector: channels times the benchmark grid cells."""
+    channels = trunk.channels[_stage(layer)]
+    if layer == "res5avg":
+        return channels
+    return channels * BENCHMARK_POOL[layer][2] ** 2
+
+
+def resize_transform(size: int = 224) -> T.Compose:
+    """The VOC07 SVM input: the whole image squashed to size x size, ImageNet-normalised."""
+    return T.Compose(
+        [T.Resize((size, size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
+
+
+def center_crop_transform(size: int = 224) -> T.Compose:
+    """The linear-probe test input: Resize(256/224 * size) then CenterCrop(size)."""
+    return T.Compose(
+        [
+            T.Resize(round(size * 256 / 224)),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def weights_fingerprint(spec: str | Path) -> str:
+    """Identify weights cheaply (path, mtime, size) so a changed file never hits a stale cache."""
+    path = Path(spec)
+    if path.is_file():
+        st = path.stat()
+        return f"{path.resolve()}:{st.st_mtime_ns}:{st.st_size}"
+    return str(spec)
+
+
+def dataset_fingerprint(paths: Sequence[str | Path]) -> str:
+    """Identify a data set by its ordered file list (row i of the features is file i)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(str(Path(p).resolve()).encode())
+        h.update(b"\0")
+    return f"{len(paths)}:{h.hexdigest()[:16]}"
+
+
+def cache_key(weights: str, layer: str, dataset: str, transform: Any, **extra: Any) -> str:
+    """One key per (weights, layer, data set, transform): what decides every feature value."""
+    parts = {"weights": weights, "layer": layer, "dataset": dataset, "transform": repr(transform)}
+    parts.update({k: str(v) for k, v in extra.items()})
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class FeatureExtractor:
+    """A frozen trunk plus the benchmark pooling of one layer; batches go in, vectors come out."""
+
+    def __init__(
+        self,
+        trunk: Trunk,
+        layer: str = "res5",
+        device: str | torch.device = "auto",
+        amp: bool = True,
+    ) -> None:
+        self.stage = _stage(layer)
+        self.layer = layer
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.cuda = self.device.type == "cuda"
+        self.amp = amp and self.cuda
+        self.trunk = trunk.eval().requires_grad_(False).to(self.device)
+        if self.cuda:
+            self.trunk = self.trunk.to(memory_format=torch.channels_last)
+        self.dim = feature_dim(trunk, layer)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled float32 features of a batch of normalised images (N, 3, H, W) -> (N, dim)."""
+        x = x.to(self.device, non_blocking=True)
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            out = self.trunk(x, (self.stage,))[self.stage]
+            return pool_stage(out.float(), self.layer)
+
+    def extract(
+        self,
+        dataset: torch.utils.data.Dataset,
+        key: str | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        dtype: str = "float16",
+        progress: bool = True,
+    ) -> np.ndarray:
+        """Features of every item (item[0] is the image), row i = item i; cached on disk under
+        `key` so a second probe on the same features starts at once. Under torch.distributed
+        each rank runs a strided shard and the shards are all-gathered."""
+        path = cache_dir() / "features" / f"{key}.npy" if key else None
+        if path is not None and path.exists():
+            return np.load(path, mmap_mode="r")
+        rank, world = _dist()
+        n = len(dataset)
+        shard = list(range(rank, n, world))
+        local = self._run(dataset, shard, batch_size, num_workers, progress and rank == 0)
+        feats = self._gather(local, n, world) if world > 1 else local.numpy()
+        if path is None:
+            return feats.astype(dtype, copy=False)
+        if rank == 0:
+            self._write_cache(path, feats, dtype, key)
+        if world > 1:
+            torch.distributed.barrier()
+        return np.load(path, mmap_mode="r")
+
+    def _run(
+        self,
+        dataset: torch.utils.data.Dataset,
+        indices: list[int],
+        batch_size: int,
+        num_workers: int,
+        progress: bool,
+    ) -> torch.Tensor:
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, indices),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=self.cuda,
+        )
+        out = torch.empty(len(indices), self.dim)
+        i = 0
+        for batch in tqdm(
+            loader, desc=f"features {self.layer}", disable=not progress, unit="batch"
+        ):
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            f = self(x).cpu()
+            out[i : i + len(f)] = f
+            i += len(f)
+        return out
+
+    def _gather(self, local: torch.Tensor, n: int, world: int) -> np.ndarray:
+        per = (n + world - 1) // world
+        padded = torch.zeros(per, self.dim, device=self.device)
+        padded[: len(local)] = local.to(self.device)
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(parts, padded)
+        # rank r held items r, r + world, ...: stacking on dim 1 restores dataset order
+        stacked = torch.stack(parts, dim=1).reshape(per * world, self.dim)
+        return stacked[:n].cpu().numpy()
+
+    @staticmethod
+    def _write_cache(path: Path, feats: np.ndarray, dtype: str, key: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=feats.shape)
+        mm[:] = feats
+        mm.flush()
+        del mm
+        os.replace(tmp, path)
