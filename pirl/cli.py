@@ -14,6 +14,7 @@ from pirl.errors import UserError
 # `pirl` itself never imports `transfer` or `analysis` at start-up.
 LAZY_COMMANDS = {
     "pretrain": "pirl.train_cli:pretrain",
+    "weights": "pirl.weights_cli:weights",
 }
 
 
