@@ -8,6 +8,7 @@ checkpoint holds. Third-party files are untrusted: torch files load with
 
 from __future__ import annotations
 
+import codecs
 import pickle
 import re
 from collections.abc import Iterable, Mapping
@@ -37,7 +38,7 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
     allowed: dict[tuple[str, str], Any] = {
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): __import__("codecs").encode,
+        ("_codecs", "encode"): codecs.encode,  # protocol-2 pickles store bytes this way
     }
     for mod in ("numpy.core", "numpy._core"):
         allowed[(f"{mod}.multiarray", "_reconstruct")] = core.multiarray._reconstruct
