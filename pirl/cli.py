@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -13,7 +15,6 @@ from pirl.errors import UserError
 # Sub-command groups living in other packages, imported only when invoked so that
 # `pirl` itself never imports `transfer` or `analysis` at start-up.
 LAZY_COMMANDS = {
-    "pretrain": "pirl.train_cli:pretrain",
     "weights": "pirl.weights_cli:weights",
 }
 
@@ -47,3 +48,63 @@ def main(ctx: click.Context, debug: bool) -> None:
     """PIRL pretraining and the paper's evaluations for any ResNet encoder."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+
+
+@main.command()
+@click.option(
+    "--data",
+    default=None,
+    help="ImageFolder tree or flat image folder; "
+    "omitted: the embedded set (with a small trunk and 64-px images).",
+)
+@click.option("--out", default="runs/pretrain", show_default=True, help="Run folder.")
+@click.option(
+    "--method",
+    type=click.Choice(["pirl", "npid"]),
+    default="pirl",
+    show_default=True,
+    help="pirl (lambda 0.5) or npid (NPID++, lambda 0).",
+)
+@click.option(
+    "--arch",
+    type=click.Choice(["resnet18", "resnet34", "resnet50", "resnet101"]),
+    default=None,
+    help="Trunk [resnet50; embedded: resnet18].",
+)
+@click.option("--width", type=float, default=None, help="Width multiplier [1; embedded: 0.25].")
+@click.option("--image-size", type=int, default=None, help="View size [224; embedded: 64].")
+@click.option("--epochs", type=int, default=None, help="[800; embedded: 8].")
+@click.option("--batch-size", type=int, default=None, help="Global batch [1024; embedded: 64].")
+@click.option("--lr", type=float, default=None, help="Base LR [0.03 * batch / 256].")
+@click.option("--num-negatives", type=int, default=32000, show_default=True)
+@click.option("--temperature", type=float, default=0.07, show_default=True)
+@click.option("--lam", type=float, default=None, help="Weight of the patch term [method's].")
+@click.option("--loss", type=click.Choice(["nce", "infonce"]), default="nce", show_default=True)
+@click.option(
+    "--z-momentum",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Track NCE's Z by EMA with this momentum (0: fix Z at the first step).",
+)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--num-workers", type=int, default=2, show_default=True)
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 autocast on GPU.")
+@click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images (counted).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--nproc", type=int, default=1, show_default=True, help="Local DDP processes.")
+def pretrain(nproc: int, **kwargs: Any) -> None:
+    """Pretrain a trunk with PIRL (or NPID++) and write OUT/checkpoint.pth."""
+    from pirl.train import PretrainConfig, pretrain_multiprocess
+    from pirl.train import pretrain as run_pretrain
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = PretrainConfig(**kwargs)
+    if nproc > 1:
+        pretrain_multiprocess(cfg, nproc)
+    else:
+        run_pretrain(cfg)
+    ckpt = Path(cfg.out) / "checkpoint.pth"
+    click.echo(f"checkpoint: {ckpt}")
+    click.echo(f"evaluate it: pirl-tools transfer linear --weights pirl={ckpt} --benchmark voc07")

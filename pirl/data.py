@@ -67,7 +67,7 @@ def list_images(root: str | Path) -> ImageList:
 
 
 def load_image(path: Path) -> Image.Image:
-    """Decode fully (so truncation is caught here) and convert to RGB, naming the file on failure."""
+    """Decode fully (so truncation is caught here) and name the file on any failure."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -79,7 +79,9 @@ def load_image(path: Path) -> Image.Image:
 class ImageDataset(torch.utils.data.Dataset):
     """Yields (transform(image), label, index); bad images raise or, with skip_bad, yield None."""
 
-    def __init__(self, images: ImageList, transform: Callable[[Image.Image], Any], skip_bad: bool = False):
+    def __init__(
+        self, images: ImageList, transform: Callable[[Image.Image], Any], skip_bad: bool = False
+    ):
         self.images, self.transform, self.skip_bad = images, transform, skip_bad
 
     def __len__(self) -> int:
@@ -132,7 +134,9 @@ def embedded_images(size: int = 64, seed: int = 0) -> tuple[list[np.ndarray], np
         scale = rng.uniform(1.5, 4.0)
         ch, cw = int(size * scale), int(size * scale)
         y, x = rng.integers(0, h - ch), rng.integers(0, w - cw)
-        bg = np.asarray(Image.fromarray(photo[y : y + ch, x : x + cw]).resize((size, size), Image.BILINEAR))
+        bg = np.asarray(
+            Image.fromarray(photo[y : y + ch, x : x + cw]).resize((size, size), Image.BILINEAR)
+        )
         glyph_size = int(size * rng.uniform(0.55, 0.85))
         glyph = Image.fromarray((img8 / 16.0 * 255).astype(np.uint8)).resize(
             (glyph_size, glyph_size), Image.BICUBIC
@@ -148,14 +152,14 @@ def embedded_images(size: int = 64, seed: int = 0) -> tuple[list[np.ndarray], np
 
 
 def embedded_root(size: int = 64) -> Path:
-    """Write the embedded set once as an ImageFolder tree (train/ and val/, 4:1) and return its root."""
+    """Write the embedded set once as an ImageFolder tree (train/, val/ at 4:1); return its root."""
     root = cache_dir() / f"{EMBEDDED_VERSION}-{size}"
     done = root / ".complete"
     if done.exists():
         return root
     images, labels = embedded_images(size)
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    for i, (img, label) in enumerate(zip(images, labels)):
+    for i, (img, label) in enumerate(zip(images, labels, strict=True)):
         split = "val" if i % 5 == 0 else "train"
         d = tmp / split / f"digit{label}"
         d.mkdir(parents=True, exist_ok=True)

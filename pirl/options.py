@@ -61,8 +61,12 @@ def runtime_options(batch_size: int, num_workers: int = 2) -> Callable[[F], F]:
     def deco(f: F) -> F:
         for opt in reversed(
             [
-                click.option("--device", default="auto", show_default=True,
-                             help="cpu, cuda, cuda:N or auto (cuda when present)."),
+                click.option(
+                    "--device",
+                    default="auto",
+                    show_default=True,
+                    help="cpu, cuda, cuda:N or auto (cuda when present).",
+                ),
                 click.option("--seed", type=int, default=0, show_default=True),
                 click.option("--batch-size", type=int, default=batch_size, show_default=True),
                 click.option("--num-workers", type=int, default=num_workers, show_default=True),

@@ -1,4 +1,4 @@
-"""Run folders: the resolved config, metrics and results every command writes, and device/seed set-up."""
+"""Run folders (config, metrics, results every command writes) and device/seed set-up."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 class RunDir:
-    """A run folder holding config.json, metrics.csv and results.json, so any result can be repeated."""
+    """A run folder with config.json, metrics.csv, results.json, so any result can be repeated."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)

@@ -48,7 +48,9 @@ class Trunk(nn.Module):
         self.out_dim = self.channels["res5"]
         self._init_weights()
 
-    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Sequential:
+    def _make_layer(
+        self, block: type[nn.Module], planes: int, blocks: int, stride: int
+    ) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
@@ -68,7 +70,9 @@ class Trunk(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor, stages: Sequence[str] = ("res5",)) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, stages: Sequence[str] = ("res5",)
+    ) -> dict[str, torch.Tensor]:
         """Run only as deep as the deepest requested stage and return those stages by name."""
         unknown = set(stages) - set(STAGES)
         if unknown:

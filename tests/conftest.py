@@ -1,9 +1,40 @@
-"""Shared fixtures: keep every generated file under the test's tmp dir."""
+"""Shared fixtures: a private cache folder per test and small real image sets on disk."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
 import pytest
+from PIL import Image
+
+from pirl.data import embedded_images
 
 
 @pytest.fixture(autouse=True)
 def _tmp_cache(tmp_path, monkeypatch):
     """Point $PIRL_TOOLS_CACHE at a tmp dir so tests never write to ~/.cache."""
     monkeypatch.setenv("PIRL_TOOLS_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def digit_images() -> tuple[list[np.ndarray], np.ndarray]:
+    """The embedded real images at 32 px (scikit-learn digits over scikit-image photos)."""
+    return embedded_images(size=32, seed=0)
+
+
+def write_image_folder(root: Path, images: list[np.ndarray], labels: np.ndarray) -> Path:
+    """Write images as root/<class>/<i>.png, the ImageFolder layout."""
+    for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+        d = root / f"digit{label}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path, digit_images: tuple[list[np.ndarray], np.ndarray]) -> Path:
+    """48 real images of 4 classes in ImageFolder layout."""
+    images, labels = digit_images
+    keep = [i for i in range(len(labels)) if labels[i] < 4][:48]
+    return write_image_folder(tmp_path / "data", [images[i] for i in keep], labels[keep])

@@ -1,0 +1,111 @@
+"""The jigsaw transform: cut a crop into a 3x3 grid, take a jittered patch per cell, shuffle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class JigsawGeometry:
+    """Published sizes at 224: 255-px patch source, 3x3 cells of 85 px, 64-px patches."""
+
+    image_size: int = 224
+    source_size: int = 255
+    grid: int = 3
+    patch_size: int = 64
+
+    @property
+    def cell(self) -> int:
+        return self.source_size // self.grid
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @classmethod
+    def for_image_size(cls, image_size: int) -> JigsawGeometry:
+        """Scale the published geometry proportionally, so small images keep its ratios."""
+        if image_size == 224:
+            return cls()
+        cell = max(2, round(255 / 224 * image_size / 3))
+        patch = max(1, round(64 / 85 * cell))
+        return cls(image_size, 3 * cell, 3, patch)
+
+
+def random_offsets(
+    geometry: JigsawGeometry, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(9, 2) offsets (y, x) of each patch inside its cell, uniform in 0..cell-patch."""
+    hi = geometry.cell - geometry.patch_size + 1
+    return torch.randint(0, hi, (geometry.num_patches, 2), generator=generator)
+
+
+def patch_boxes(geometry: JigsawGeometry, offsets: torch.Tensor) -> torch.Tensor:
+    """(9, 4) boxes (y0, x0, y1, x1) in source pixels, cells in row-major order."""
+    cells = torch.arange(geometry.num_patches)
+    y0 = (cells // geometry.grid) * geometry.cell + offsets[:, 0]
+    x0 = (cells % geometry.grid) * geometry.cell + offsets[:, 1]
+    p = geometry.patch_size
+    return torch.stack([y0, x0, y0 + p, x0 + p], dim=1)
+
+
+def cut_patches(
+    source: torch.Tensor, geometry: JigsawGeometry, offsets: torch.Tensor, perm: torch.Tensor
+) -> torch.Tensor:
+    """(C, S, S) source -> (9, C, P, P) patches; output slot k holds the patch of cell perm[k]."""
+    boxes = patch_boxes(geometry, offsets).tolist()
+    patches = torch.stack([source[:, y0:y1, x0:x1] for y0, x0, y1, x1 in boxes])
+    return patches[perm]
+
+
+def unshuffle(patches: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Inverse of the shuffle in cut_patches: patches back in cell (row-major) order."""
+    out = torch.empty_like(patches)
+    out[perm] = patches
+    return out
+
+
+def photometric() -> T.Compose:
+    """Per-view augmentation as published: colour jitter, grayscale 0.2, flip, ImageNet norm."""
+    return T.Compose(
+        [
+            T.ColorJitter(0.4, 0.4, 0.4, 0.2),
+            T.RandomGrayscale(0.2),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+class PirlTransform:
+    """PIL path: image view I and its jigsaw view I^t from independent random crops.
+
+    Returns (image (3,H,H), patches (9,3,P,P), perm (9,)) with each patch augmented on its own;
+    without patches (NPID++) the last two are empty.
+    """
+
+    def __init__(self, geometry: JigsawGeometry, with_patches: bool = True) -> None:
+        self.geometry, self.with_patches = geometry, with_patches
+        self.image_crop = T.RandomResizedCrop(geometry.image_size, scale=(0.08, 1.0))
+        self.source_crop = T.RandomResizedCrop(geometry.source_size, scale=(0.6, 1.0))
+        self.augment = photometric()
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = self.geometry
+        image = self.augment(self.image_crop(img))
+        if not self.with_patches:
+            return image, torch.empty(0), torch.empty(0, dtype=torch.long)
+        source = self.source_crop(img)
+        perm = torch.randperm(g.num_patches)
+        boxes = patch_boxes(g, random_offsets(g)).tolist()
+        cells = [source.crop((x0, y0, x1, y1)) for y0, x0, y1, x1 in boxes]
+        patches = torch.stack([self.augment(cells[int(k)]) for k in perm])
+        return image, patches, perm

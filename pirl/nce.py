@@ -1,0 +1,109 @@
+"""NCE as PIRL's reference uses it, InfoNCE, and the lambda mix of the two PIRL terms."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pirl.memory import MemoryBank, distributed
+
+
+class NCELoss(nn.Module):
+    """Noise-contrastive estimation against a memory bank (Wu et al. 2018; PIRL eq. 2-3).
+
+    s_j = <m_j, z> / T, P_j = exp(s_j) / Z, Z = mean(exp(s)) * |D| fixed at the first call
+    (or tracked by EMA with z_momentum > 0). With c = N / |D|, per sample:
+        -log(P_0 / (P_0 + c)) - sum_j log(c / (P_j + c)),
+    computed as softplus(log c - log P_0) + sum_j softplus(log P_j - log c).
+    """
+
+    def __init__(self, data_size: int, temperature: float = 0.07, z_momentum: float = 0.0) -> None:
+        super().__init__()
+        self.data_size, self.temperature, self.z_momentum = data_size, temperature, z_momentum
+        self.register_buffer("log_z", torch.tensor(float("nan"), dtype=torch.float64))
+
+    def forward(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """pos: (B,) and neg: (B, N) raw inner products; returns the batch-mean loss."""
+        s = torch.cat([pos.unsqueeze(1), neg], dim=1).float() / self.temperature
+        with torch.no_grad():
+            batch_log_z = torch.logsumexp(s.double().flatten(), 0) - math.log(s.numel())
+            batch_log_z = batch_log_z + math.log(self.data_size)
+            if distributed():
+                batch_log_z = batch_log_z.clone()
+                dist.all_reduce(batch_log_z)
+                batch_log_z /= dist.get_world_size()
+            if torch.isnan(self.log_z):
+                self.log_z.copy_(batch_log_z)
+            elif self.z_momentum > 0:
+                z = self.z_momentum * self.log_z.exp() + (1 - self.z_momentum) * batch_log_z.exp()
+                self.log_z.copy_(z.log())
+        log_p = s - self.log_z.float()
+        log_c = math.log(neg.shape[1] / self.data_size)
+        loss = F.softplus(log_c - log_p[:, 0]) + F.softplus(log_p[:, 1:] - log_c).sum(1)
+        return loss.mean()
+
+
+class InfoNCELoss(nn.Module):
+    """Softmax cross-entropy over [positive, negatives] / T (van den Oord et al. 2018)."""
+
+    def __init__(self, temperature: float = 0.07) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        logits = torch.cat([pos.unsqueeze(1), neg], dim=1).float() / self.temperature
+        return F.cross_entropy(
+            logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device)
+        )
+
+
+class PirlLoss(nn.Module):
+    """L = lam * NCE(m_I, g(v_I^t)) + (1 - lam) * NCE(m_I, f(v_I)); lam = 0 is NPID++.
+
+    Each term has its own normaliser and its own negatives drawn from the bank.
+    """
+
+    def __init__(
+        self,
+        memory: MemoryBank,
+        num_negatives: int = 32000,
+        temperature: float = 0.07,
+        lam: float = 0.5,
+        loss: str = "nce",
+        z_momentum: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.memory, self.num_negatives, self.lam = memory, num_negatives, lam
+
+        def make() -> nn.Module:
+            if loss == "nce":
+                return NCELoss(memory.size, temperature, z_momentum)
+            if loss == "infonce":
+                return InfoNCELoss(temperature)
+            raise ValueError(f"unknown loss {loss!r}; choose nce or infonce")
+
+        self.loss_f, self.loss_g = make(), make()
+
+    def term(
+        self, crit: nn.Module, z: torch.Tensor, idx: torch.Tensor, gen: torch.Generator | None
+    ):
+        neg_idx = self.memory.sample((len(z), self.num_negatives), gen)
+        pos = (self.memory.bank[idx].to(z.dtype) * z).sum(1)
+        return crit(pos, self.memory.scores(z, neg_idx))
+
+    def forward(
+        self,
+        f: torch.Tensor,
+        g: torch.Tensor | None,
+        idx: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """f, g: unit embeddings of the image and its patches; idx: data-set indices."""
+        loss = (1 - self.lam) * self.term(self.loss_f, f, idx, generator)
+        if self.lam > 0:
+            loss = loss + self.lam * self.term(self.loss_g, g, idx, generator)
+        return loss

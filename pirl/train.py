@@ -1,0 +1,359 @@
+"""PIRL / NPID++ pretraining: the whole recipe in one loop, with exact resume and DDP.
+
+Run with `pirl-tools pretrain ...`, `pirl-tools pretrain --nproc K ...`, or
+`torchrun --nproc_per_node K -m pirl.train ...` (same flags).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from pirl.data import ImageDataset, collate_skipping, embedded_root, list_images
+from pirl.errors import UserError
+from pirl.heads import PirlHeads
+from pirl.jigsaw import JigsawGeometry, PirlTransform
+from pirl.memory import MemoryBank
+from pirl.nce import PirlLoss
+from pirl.runs import RunDir, atomic_torch_save, resolve_device, seed_everything
+from pirl.trunk import Trunk, build_trunk
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+METHODS = {"pirl": 0.5, "npid": 0.0}  # lambda of the PIRL loss; npid is NPID++
+# Published recipe (DESIGN.md sec. 2) and the small embedded default that runs on a laptop.
+PAPER = {"arch": "resnet50", "width": 1.0, "image_size": 224, "epochs": 800, "batch_size": 1024}
+EMBEDDED = {"arch": "resnet18", "width": 0.25, "image_size": 64, "epochs": 8, "batch_size": 64}
+
+
+@dataclass
+class PretrainConfig:
+    """Every knob of a pretraining run; None fields resolve to PAPER or EMBEDDED defaults."""
+
+    data: str | None = None
+    out: str = "runs/pretrain"
+    method: str = "pirl"
+    arch: str | None = None
+    width: float | None = None
+    image_size: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    final_lr_ratio: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    num_negatives: int = 32000
+    temperature: float = 0.07
+    lam: float | None = None
+    loss: str = "nce"
+    z_momentum: float = 0.0
+    bank_momentum: float = 0.5
+    embed_dim: int = 128
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 2
+    amp: bool = True
+    skip_bad_images: bool = False
+    resume: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> PretrainConfig:
+        """Fill every None from the paper (given --data) or the embedded default (no --data)."""
+        base = PAPER if self.data else EMBEDDED
+        cfg = dataclasses.replace(self)
+        for key, value in base.items():
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, value)
+        if cfg.data is None:
+            cfg.data = str(embedded_root(cfg.image_size) / "train")
+        if cfg.lam is None:
+            if cfg.method not in METHODS:
+                raise UserError(f"--method {cfg.method}: choose from {sorted(METHODS)}")
+            cfg.lam = METHODS[cfg.method]
+        if cfg.lr is None:
+            cfg.lr = 0.03 * cfg.batch_size / 256
+        return cfg
+
+
+class PirlModel(nn.Module):
+    """Shared trunk + heads: the image and the patches pass separately (own BN batches)."""
+
+    def __init__(self, trunk: Trunk, heads: PirlHeads) -> None:
+        super().__init__()
+        self.trunk, self.heads = trunk, heads
+
+    def forward(
+        self, images: torch.Tensor, patches: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        f = self.heads.f(self.trunk.pooled(images))
+        if patches is None:
+            return f, None
+        flat = patches.flatten(0, 1)
+        return f, self.heads.g(self.trunk.pooled(flat))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv and linear weights only; none on BN parameters and biases."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def cosine_lr(step: int, total: int, base: float, final_ratio: float) -> float:
+    """Cosine from base to base * final_ratio over `total` steps (per-step, as published)."""
+    final = base * final_ratio
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(step, total) / total))
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % 2**63
+
+
+@dataclass
+class Trainer:
+    """Everything a run holds, so checkpoint and resume see one object."""
+
+    cfg: PretrainConfig
+    model: PirlModel
+    memory: MemoryBank
+    criterion: PirlLoss
+    optimizer: torch.optim.Optimizer
+    epoch: int = 0
+    step: int = 0
+
+    def state(self) -> dict[str, Any]:
+        """The native checkpoint (DESIGN.md sec. 4)."""
+        return {
+            "trunk": self.model.trunk.state_dict(),
+            "heads": self.model.heads.state_dict(),
+            "memory": {"bank": self.memory.bank, "momentum": self.memory.momentum},
+            "nce": {k: v for k, v in self.criterion.state_dict().items() if "log_z" in k},
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "rng": {"torch": torch.get_rng_state()},
+            "config": dataclasses.asdict(self.cfg),
+            "version": CHECKPOINT_VERSION,
+        }
+
+    def load(self, ckpt: dict[str, Any], path: Path) -> None:
+        """Restore from a native checkpoint; shapes must match the configured model."""
+        try:
+            self.model.trunk.load_state_dict(ckpt["trunk"])
+            self.model.heads.load_state_dict(ckpt["heads"])
+            self.memory.bank.copy_(ckpt["memory"]["bank"])
+            self.criterion.load_state_dict(ckpt["nce"], strict=False)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise UserError(f"{path}: cannot resume from this checkpoint ({first})") from None
+        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a native checkpoint safely (tensors and plain data only), naming the file on failure."""
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: unreadable checkpoint ({first})") from None
+
+
+def build_loader(
+    cfg: PretrainConfig, epoch: int, rank: int, world: int, with_patches: bool
+) -> torch.utils.data.DataLoader:
+    """The epoch's loader; its shuffling and augmentation seeds depend on (seed, epoch) only."""
+    images = list_images(cfg.data)
+    transform = PirlTransform(JigsawGeometry.for_image_size(cfg.image_size), with_patches)
+    dataset = ImageDataset(images, transform, skip_bad=cfg.skip_bad_images)
+    per_rank = max(1, cfg.batch_size // world)
+    gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, rank))
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
+        sampler.set_epoch(epoch)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=per_rank,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=gen,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_skipping,
+        drop_last=len(dataset) > per_rank * world,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def make_trainer(cfg: PretrainConfig, data_size: int, device: torch.device) -> Trainer:
+    """Build model, bank, loss and optimizer from the resolved config."""
+    torch.manual_seed(cfg.seed)
+    trunk = build_trunk(cfg.arch, cfg.width)
+    heads = PirlHeads(trunk.out_dim, cfg.embed_dim)
+    model = PirlModel(trunk, heads).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    memory = MemoryBank(data_size, cfg.embed_dim, cfg.bank_momentum, seed=cfg.seed).to(device)
+    criterion = PirlLoss(
+        memory, cfg.num_negatives, cfg.temperature, cfg.lam, cfg.loss, cfg.z_momentum
+    ).to(device)
+    optimizer = torch.optim.SGD(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum
+    )
+    return Trainer(cfg, model, memory, criterion, optimizer)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def pretrain(cfg: PretrainConfig) -> Trainer:
+    """Run (or resume) pretraining; rank 0 writes checkpoint.pth and metrics.csv each epoch."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        device = resolve_device(cfg.device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = _world()
+    cfg = cfg.resolved()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    run = RunDir(cfg.out)
+    ckpt_path = run.path("checkpoint.pth")
+    images = list_images(cfg.data)  # fails early and clearly on a missing or empty folder
+    trainer = make_trainer(cfg, len(images), device)
+    if cfg.resume:
+        ckpt = read_checkpoint(ckpt_path)
+        trainer.load(ckpt, ckpt_path)
+        if rank == 0:
+            log.info("resuming %s at epoch %d (step %d)", ckpt_path, trainer.epoch, trainer.step)
+    elif ckpt_path.exists():
+        raise UserError(f"{ckpt_path}: a run exists here; pass --resume or choose another --out")
+    if rank == 0:
+        run.write_config(dataclasses.asdict(cfg))
+    with_patches = cfg.lam > 0
+    model: nn.Module = trainer.model
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            trainer.model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    steps_per_epoch = len(build_loader(cfg, 0, rank, world, with_patches))
+    total = steps_per_epoch * cfg.epochs
+    amp = cfg.amp and device.type == "cuda"
+    while trainer.epoch < cfg.epochs:
+        epoch = trainer.epoch
+        seed_everything(_epoch_seed(cfg.seed, epoch, rank))
+        neg_gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed + 1, epoch, 0))
+        loader = build_loader(cfg, epoch, rank, world, with_patches)
+        model.train()
+        seen, skipped, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, leave=False)
+        for batch, n_bad in bar:
+            skipped += n_bad
+            if batch is None:
+                continue
+            (images_b, patches_b, _perm), _labels, idx = batch
+            images_b = images_b.to(device, non_blocking=True)
+            patches_b = patches_b.to(device, non_blocking=True) if with_patches else None
+            if device.type == "cuda":
+                images_b = images_b.contiguous(memory_format=torch.channels_last)
+            idx = idx.to(device)
+            lr = cosine_lr(trainer.step, total, cfg.lr, cfg.final_lr_ratio)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                f, g = model(images_b, patches_b)
+            loss = trainer.criterion(f.float(), None if g is None else g.float(), idx, neg_gen)
+            if not torch.isfinite(loss):
+                raise UserError(
+                    f"{cfg.out}: loss became {loss.item()} at epoch {epoch + 1}, step "
+                    f"{trainer.step}; stopped, last good checkpoint kept at {ckpt_path}"
+                )
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            trainer.optimizer.step()
+            trainer.memory.update(idx, f.detach().float())
+            trainer.step += 1
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            rate = seen * world / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+        trainer.epoch += 1
+        seconds = time.perf_counter() - t0
+        if rank == 0:
+            atomic_torch_save(trainer.state(), ckpt_path)
+            row = {
+                "epoch": trainer.epoch,
+                "step": trainer.step,
+                "loss": loss_sum / max(seen, 1),
+                "lr": lr,
+                "images_per_s": seen * world / seconds,
+                "seconds": round(seconds, 2),
+                "skipped_images": skipped,
+            }
+            run.append_metrics(row)
+            log.info(
+                "epoch %d/%d loss %.4f %.0f img/s%s",
+                trainer.epoch,
+                cfg.epochs,
+                row["loss"],
+                row["images_per_s"],
+                f" ({skipped} unreadable images skipped)" if skipped else "",
+            )
+    return trainer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(rank: int, world: int, port: int, cfg: PretrainConfig) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    try:
+        pretrain(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def pretrain_multiprocess(cfg: PretrainConfig, nproc: int) -> None:
+    """Spawn `nproc` local DDP workers (gloo on CPU, nccl on GPU)."""
+    torch.multiprocessing.spawn(_spawned, args=(nproc, free_port(), cfg), nprocs=nproc)
+
+
+if __name__ == "__main__":
+    from pirl.cli import main
+
+    main(["pretrain", *sys.argv[1:]])

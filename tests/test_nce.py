@@ -1,0 +1,77 @@
+"""NCE and InfoNCE against a direct float64 evaluation of the published formulas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from pirl.memory import MemoryBank
+from pirl.nce import InfoNCELoss, NCELoss, PirlLoss
+
+
+def nce_reference(s: np.ndarray, data_size: int, z: float | None = None) -> tuple[float, float]:
+    """Straight from the formula: P = exp(s)/Z, Z = mean(exp(s)) |D|, c = N/|D|."""
+    e = np.exp(s)
+    if z is None:
+        z = e.mean() * data_size
+    p = e / z
+    n = s.shape[1] - 1
+    c = n / data_size
+    per_sample = -np.log(p[:, 0] / (p[:, 0] + c)) - np.log(c / (p[:, 1:] + c)).sum(1)
+    return float(per_sample.mean()), float(z)
+
+
+def test_nce_matches_formula_and_fixes_z_at_first_call() -> None:
+    g = torch.Generator().manual_seed(0)
+    crit = NCELoss(data_size=5000, temperature=0.07)
+    pos, neg = torch.rand(6, generator=g) * 2 - 1, torch.rand(6, 40, generator=g) * 2 - 1
+    s = torch.cat([pos[:, None], neg], 1).double().numpy() / 0.07
+    want, z = nce_reference(s, 5000)
+    assert math.isclose(crit(pos, neg).item(), want, rel_tol=1e-5)
+    # Second call: Z stays the first one.
+    pos2, neg2 = torch.rand(6, generator=g), torch.rand(6, 40, generator=g)
+    s2 = torch.cat([pos2[:, None], neg2], 1).double().numpy() / 0.07
+    want2, _ = nce_reference(s2, 5000, z=z)
+    assert math.isclose(crit(pos2, neg2).item(), want2, rel_tol=1e-5)
+
+
+def test_nce_ema_z_tracks_batches() -> None:
+    g = torch.Generator().manual_seed(1)
+    crit = NCELoss(data_size=100, temperature=0.5, z_momentum=0.9)
+    a = (torch.rand(4, generator=g), torch.rand(4, 9, generator=g))
+    b = (torch.rand(4, generator=g) - 0.5, torch.rand(4, 9, generator=g) - 0.5)
+    crit(*a)
+    _, z1 = nce_reference(torch.cat([a[0][:, None], a[1]], 1).double().numpy() / 0.5, 100)
+    _, zb = nce_reference(torch.cat([b[0][:, None], b[1]], 1).double().numpy() / 0.5, 100)
+    s_b = torch.cat([b[0][:, None], b[1]], 1).double().numpy() / 0.5
+    want, _ = nce_reference(s_b, 100, z=0.9 * z1 + 0.1 * zb)
+    assert math.isclose(crit(*b).item(), want, rel_tol=1e-5)
+
+
+def test_infonce_is_softmax_cross_entropy() -> None:
+    g = torch.Generator().manual_seed(2)
+    pos, neg = torch.rand(5, generator=g), torch.rand(5, 30, generator=g)
+    s = torch.cat([pos[:, None], neg], 1).double().numpy() / 0.07
+    want = np.mean(np.log(np.exp(s).sum(1)) - s[:, 0])
+    assert math.isclose(InfoNCELoss(0.07)(pos, neg).item(), want, rel_tol=1e-6)
+
+
+def test_pirl_loss_mixes_terms_with_lambda() -> None:
+    bank = MemoryBank(50, dim=8, seed=0)
+    f = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    gz = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    idx = torch.tensor([0, 3, 7, 9])
+
+    def value(lam: float) -> float:
+        crit = PirlLoss(bank, num_negatives=20, temperature=0.1, lam=lam, loss="infonce")
+        return crit(f, gz, idx, torch.Generator().manual_seed(5)).item()
+
+    # Same generator -> lambda=0 draws the f term's negatives exactly as the mix does.
+    f_only = value(0.0)
+    crit = PirlLoss(bank, num_negatives=20, temperature=0.1, lam=1.0, loss="infonce")
+    gen = torch.Generator().manual_seed(5)
+    bank.sample((4, 20), gen)  # the f term's draw comes first
+    g_only = crit.term(crit.loss_g, gz, idx, gen).item()
+    assert math.isclose(value(0.5), 0.5 * f_only + 0.5 * g_only, rel_tol=1e-6)

@@ -1,0 +1,143 @@
+"""Training loop: learning, exact resume, NaN stop, bad inputs, and DDP memory replicas."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from pirl import train
+from pirl.errors import UserError
+from pirl.train import PretrainConfig, pretrain, read_checkpoint
+
+
+def tiny_config(data: Path, out: Path, **kw: object) -> PretrainConfig:
+    base = dict(
+        data=str(data),
+        out=str(out),
+        arch="resnet18",
+        width=0.125,
+        image_size=32,
+        epochs=2,
+        batch_size=16,
+        num_negatives=64,
+        num_workers=0,
+        seed=0,
+        device="cpu",
+    )
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+def test_loss_decreases_on_a_tiny_set(tiny_folder: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_folder, tmp_path / "run", epochs=6, lr=0.1, loss="infonce")
+    pretrain(cfg)
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
+    losses = [float(r.split(",")[2]) for r in rows]
+    assert len(losses) == 6
+    assert losses[-1] < losses[0] - 0.2, losses
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_gives_identical_weights(tiny_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    full = pretrain(tiny_config(tiny_folder, tmp_path / "full", epochs=2))
+    # Same run, killed in the middle of epoch 2, then resumed from its epoch-1 checkpoint.
+    real_step = torch.optim.SGD.step
+    calls = {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # 3 steps per epoch: this is the first step of epoch 2
+            raise Interrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", dying_step)
+    with pytest.raises(Interrupt):
+        pretrain(tiny_config(tiny_folder, tmp_path / "cut", epochs=2))
+    monkeypatch.setattr(torch.optim.SGD, "step", real_step)
+    assert read_checkpoint(tmp_path / "cut" / "checkpoint.pth")["epoch"] == 1
+    resumed = pretrain(tiny_config(tiny_folder, tmp_path / "cut", epochs=2, resume=True))
+    a, b = full.state(), resumed.state()
+    for part in ("trunk", "heads"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
+    assert torch.equal(a["memory"]["bank"], b["memory"]["bank"])
+    assert b["step"] == a["step"] == 6
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(
+    tiny_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    out = tmp_path / "run"
+    pretrain(tiny_config(tiny_folder, out, epochs=1))
+    saved = (out / "checkpoint.pth").read_bytes()
+    monkeypatch.setattr(train.PirlLoss, "forward", lambda *a, **k: torch.tensor(float("nan")))
+    with pytest.raises(UserError, match=r"loss became nan at epoch 2.*last good checkpoint"):
+        pretrain(tiny_config(tiny_folder, out, epochs=2, resume=True))
+    assert (out / "checkpoint.pth").read_bytes() == saved
+
+
+def test_missing_and_empty_folders_fail_before_work(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        pretrain(tiny_config(tmp_path / "nope", tmp_path / "run"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        pretrain(tiny_config(tmp_path / "empty", tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()
+
+
+def test_corrupt_image_stops_or_is_skipped(tiny_folder: Path, tmp_path: Path) -> None:
+    bad = tiny_folder / "digit0" / "broken.png"
+    good = next((tiny_folder / "digit1").glob("*.png")).read_bytes()
+    bad.write_bytes(good[: len(good) // 2])  # truncated PNG
+    with pytest.raises(UserError, match=r"broken\.png: unreadable image"):
+        pretrain(tiny_config(tiny_folder, tmp_path / "strict", epochs=1))
+    pretrain(tiny_config(tiny_folder, tmp_path / "skip", epochs=1, skip_bad_images=True))
+    row = (tmp_path / "skip" / "metrics.csv").read_text().splitlines()
+    assert row[0].endswith("skipped_images") and row[1].endswith(",1")
+
+
+def test_truncated_checkpoint_is_a_clear_error(tiny_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    pretrain(tiny_config(tiny_folder, out, epochs=1))
+    ckpt = out / "checkpoint.pth"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(UserError, match=r"checkpoint\.pth: unreadable checkpoint"):
+        pretrain(tiny_config(tiny_folder, out, epochs=2, resume=True))
+
+
+def test_existing_run_needs_resume(tiny_folder: Path, tmp_path: Path) -> None:
+    pretrain(tiny_config(tiny_folder, tmp_path / "run", epochs=1))
+    with pytest.raises(UserError, match="pass --resume"):
+        pretrain(tiny_config(tiny_folder, tmp_path / "run", epochs=1))
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: PretrainConfig, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    trainer = pretrain(cfg)
+    torch.save(trainer.memory.bank, Path(out) / f"bank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_memory_bank_replicas_stay_identical(tiny_folder: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_folder, tmp_path / "run", epochs=1)
+    torch.multiprocessing.spawn(
+        _ddp_worker, args=(2, train.free_port(), cfg, str(tmp_path)), nprocs=2
+    )
+    b0, b1 = torch.load(tmp_path / "bank0.pt"), torch.load(tmp_path / "bank1.pt")
+    assert torch.equal(b0, b1)
+    initial = train.MemoryBank(48, 128, seed=0).bank
+    changed = (b0 != initial).any(dim=1)
+    assert changed.sum() == 48  # each rank updated its half and received the other half
+    assert dataclasses.asdict(cfg)["batch_size"] == 16
