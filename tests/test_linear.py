@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import precision_recall_curve
+from sklearn.svm import LinearSVC
+
+from transfer.linear import (
+    COSTS,
+    envelope_ap,
+    fit_path,
+    kfold,
+    solve_squared_hinge,
+    voc07_svm,
+)
+
+
+def _envelope_by_hand(scores, labels):
+    """VOC 2010+ AP from sklearn's precision/recall points: drop ignored, lift precision."""
+    keep = labels != 0
+    prec, rec, _ = precision_recall_curve(labels[keep] > 0, scores[keep])
+    prec, rec = prec[::-1], rec[::-1]  # increasing recall
+    env = np.maximum.accumulate(prec[::-1])[::-1]
+    return float(np.sum(np.diff(rec) * env[1:]))
+
+
+def test_envelope_ap_hand_cases():
+    # ranks: + - + -  -> precision at the positives 1 and 2/3
+    s = torch.tensor([[0.9], [0.8], [0.7], [0.1]])
+    assert envelope_ap(s, torch.tensor([[1], [-1], [1], [-1]])).item() == pytest.approx(
+        (1 + 2 / 3) / 2
+    )
+    # - + + : precision 1/2 then 2/3; the envelope lifts the first to 2/3
+    s3 = torch.tensor([[3.0], [2.0], [1.0]])
+    assert envelope_ap(s3, torch.tensor([[-1], [1], [1]])).item() == pytest.approx(2 / 3)
+    # an ignored (0) item between them changes nothing
+    s4 = torch.tensor([[3.0], [2.5], [2.0], [1.0]])
+    assert envelope_ap(s4, torch.tensor([[-1], [0], [1], [1]])).item() == pytest.approx(2 / 3)
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((200, 5))
+    labels = rng.choice([1, 0, -1], size=(200, 5), p=[0.3, 0.1, 0.6])
+    got = envelope_ap(torch.tensor(scores), torch.tensor(labels)).numpy()
+    want = [_envelope_by_hand(scores[:, j], labels[:, j]) for j in range(5)]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny problems: thread hand-offs cost more than the arithmetic on shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_solver_reaches_liblinear_optimum():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((60, 20))
+    y = np.where(x[:, 0] + 0.5 * rng.standard_normal(60) > 0, 1, -1)
+    for c in (0.1, 10.0):
+        ref = LinearSVC(C=c, class_weight={1: 2, -1: 1}, tol=1e-8, max_iter=100000).fit(x, y)
+        cw = torch.tensor(np.where(y > 0, 2 * c, c))[:, None]
+        feats = torch.tensor(np.hstack([x, np.ones((60, 1))]))
+        z = solve_squared_hinge(feats, torch.tensor(y, dtype=torch.float64)[:, None], cw, tol=1e-8)
+        np.testing.assert_allclose(z[0, :-1].numpy(), ref.coef_[0], rtol=1e-3, atol=1e-4)
+        assert z[0, -1].item() == pytest.approx(ref.intercept_[0], rel=1e-3, abs=1e-4)
+
+
+def test_gram_path_gives_liblinear_scores_when_samples_are_fewer_than_dims():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((40, 100))
+    y = np.where(x[:, 0] + 0.5 * rng.standard_normal(40) > 0, 1, -1)
+    x_eval = rng.standard_normal((15, 100))
+    ref = LinearSVC(C=1.0, class_weight={1: 2, -1: 1}, tol=1e-8, max_iter=100000).fit(x, y)
+    cw = torch.tensor(np.where(y > 0, 2.0, 1.0))[:, None]  # class weights; costs below
+    yt = torch.tensor(y, dtype=torch.float64)[:, None]
+    got = fit_path(torch.tensor(x), yt, cw, (0.1, 1.0), torch.tensor(x_eval), tol=1e-8)
+    np.testing.assert_allclose(got[1, :, 0].numpy(), ref.decision_function(x_eval), atol=1e-4)
+
+
+def _features(n, d, k, seed):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((k, d))
+    cls = rng.integers(0, k, n)
+    x = np.maximum(0, 0.2 * centers[cls] + rng.standard_normal((n, d))).astype(np.float32)
+    y = -np.ones((n, k), np.int8)
+    y[np.arange(n), cls] = 1
+    y[(y == 1) & (rng.random((n, k)) < 0.15)] = 0  # difficult
+    return x, y
+
+
+def _sklearn_protocol(xtr, ytr, xte, yte):
+    xtr = xtr / np.linalg.norm(xtr, axis=1, keepdims=True)
+    xte = xte / np.linalg.norm(xte, axis=1, keepdims=True)
+    aps = []
+    for c in range(ytr.shape[1]):
+        y = np.where(ytr[:, c] > 0, 1, -1)
+        cv = []
+        for cost in COSTS:
+            total = 0.0
+            for va in kfold(len(y)):
+                tr = np.setdiff1d(np.arange(len(y)), va)
+                svm = LinearSVC(C=cost, class_weight={1: 2, -1: 1}, max_iter=5000)
+                score = svm.fit(xtr[tr], y[tr]).decision_function(xtr[va])
+                total += _envelope_by_hand(score, y[va])
+            cv.append(total)
+        svm = LinearSVC(C=COSTS[int(np.argmax(cv))], class_weight={1: 2, -1: 1}, max_iter=5000)
+        aps.append(100 * _envelope_by_hand(svm.fit(xtr, y).decision_function(xte), yte[:, c]))
+    return float(np.mean(aps))
+
+
+@pytest.mark.parametrize("d", [32, 256])  # more samples than dims, and fewer (Gram path)
+def test_voc07_map_agrees_with_linearsvc(d):
+    x, y = _features(240, d, 3, seed=d)
+    ours = voc07_svm(x[:120], y[:120], x[120:], y[120:])
+    want = _sklearn_protocol(x[:120], y[:120], x[120:], y[120:])
+    assert abs(ours["mAP"] - want) < 0.3
+    assert 40 < want < 100  # a problem where the cost matters, not a trivial one
+    assert len(ours["ap"]) == 3 and all(c in COSTS for c in np.round(ours["cost"], 6))
