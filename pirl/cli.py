@@ -16,6 +16,8 @@ from pirl.errors import UserError
 # `pirl` itself never imports `transfer` or `analysis` at start-up.
 LAZY_COMMANDS = {
     "weights": "pirl.weights_cli:weights",
+    "transfer": "transfer.commands:transfer",
+    "eval": "transfer.detection_cli:eval_group",
 }
 
 
@@ -75,11 +77,18 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--image-size", type=int, default=None, help="View size [224; embedded: 64].")
 @click.option("--epochs", type=int, default=None, help="[800; embedded: 8].")
 @click.option("--batch-size", type=int, default=None, help="Global batch [1024; embedded: 64].")
-@click.option("--lr", type=float, default=None, help="Base LR [0.03 * batch / 256].")
-@click.option("--num-negatives", type=int, default=32000, show_default=True)
+@click.option(
+    "--lr", type=float, default=None, help="Base LR [0.03 * batch / 256; embedded: 0.06]."
+)
+@click.option("--num-negatives", type=int, default=None, help="[32000; embedded: 1024].")
 @click.option("--temperature", type=float, default=0.07, show_default=True)
 @click.option("--lam", type=float, default=None, help="Weight of the patch term [method's].")
-@click.option("--loss", type=click.Choice(["nce", "infonce"]), default="nce", show_default=True)
+@click.option(
+    "--loss",
+    type=click.Choice(["nce", "infonce"]),
+    default=None,
+    help="[nce, the published form; embedded: infonce].",
+)
 @click.option(
     "--z-momentum",
     type=float,
