@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf $(OUT)/demo
 	$(BIN)/pirl-tools pretrain --out $(OUT)/demo
 
 test: $(STAMP)

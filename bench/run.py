@@ -1,0 +1,52 @@
+"""Run every benchmark module and write their sections, with the machine they ran on, to a file."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+# Each module exposes run() -> str (a Markdown section with the command that reproduces it).
+MODULES = ("bench.pretrain_step", "bench.svm", "bench.knn")
+
+
+def machine() -> str:
+    """Name the device the figures come from: they mean nothing without it."""
+    cpu = platform.processor() or platform.machine()
+    threads = torch.get_num_threads()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return f"CPU {cpu}, {threads} torch threads; GPU: {gpu}; torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="BENCHMARKS.md")
+    parser.add_argument("--only", nargs="*", default=None, help="module names to run")
+    args = parser.parse_args()
+    sections = [
+        "# Benchmarks",
+        "",
+        f"Written by `make bench` on {time.strftime('%Y-%m-%d')}. Machine: {machine()}.",
+        "",
+    ]
+    for name in MODULES:
+        if args.only and name.split(".")[-1] not in args.only:
+            continue
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        print(f"running {name} ...", flush=True)
+        sections += [module.run().rstrip(), ""]
+    Path(args.out).write_text("\n".join(sections))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
