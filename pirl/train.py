@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from pirl.data import ImageDataset, collate_skipping, embedded_root, list_images
+from pirl.data import ImageDataset, ImageList, collate_skipping, embedded_root, list_images
 from pirl.errors import UserError
 from pirl.heads import PirlHeads
 from pirl.jigsaw import JigsawGeometry, PirlTransform
@@ -225,6 +225,17 @@ def build_loader(
     )
 
 
+def preflight(cfg: PretrainConfig) -> ImageList:
+    """Check data and run folder before any work (and before spawning workers)."""
+    images = list_images(cfg.data)
+    ckpt_path = Path(cfg.out) / "checkpoint.pth"
+    if cfg.resume and not ckpt_path.exists():
+        raise UserError(f"{ckpt_path}: nothing to resume (no checkpoint)")
+    if not cfg.resume and ckpt_path.exists():
+        raise UserError(f"{ckpt_path}: a run exists here; pass --resume or choose another --out")
+    return images
+
+
 def make_trainer(cfg: PretrainConfig, data_size: int, device: torch.device) -> Trainer:
     """Build model, bank, loss and optimizer from the resolved config."""
     torch.manual_seed(cfg.seed)
@@ -260,9 +271,9 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
+    images = preflight(cfg)
     run = RunDir(cfg.out)
     ckpt_path = run.path("checkpoint.pth")
-    images = list_images(cfg.data)  # fails early and clearly on a missing or empty folder
     if cfg.num_negatives > len(images) and rank == 0:
         log.warning(
             "%d negatives from %d images: each is drawn about %.0f times per sample",
@@ -272,12 +283,9 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
         )
     trainer = make_trainer(cfg, len(images), device)
     if cfg.resume:
-        ckpt = read_checkpoint(ckpt_path)
-        trainer.load(ckpt, ckpt_path)
+        trainer.load(read_checkpoint(ckpt_path), ckpt_path)
         if rank == 0:
             log.info("resuming %s at epoch %d (step %d)", ckpt_path, trainer.epoch, trainer.step)
-    elif ckpt_path.exists():
-        raise UserError(f"{ckpt_path}: a run exists here; pass --resume or choose another --out")
     if rank == 0:
         run.write_config(dataclasses.asdict(cfg))
     with_patches = cfg.lam > 0
@@ -376,6 +384,7 @@ def _spawned(rank: int, world: int, port: int, cfg: PretrainConfig) -> None:
 
 def pretrain_multiprocess(cfg: PretrainConfig, nproc: int) -> None:
     """Spawn `nproc` local DDP workers (gloo on CPU, nccl on GPU)."""
+    preflight(cfg.resolved())
     torch.multiprocessing.spawn(_spawned, args=(nproc, free_port(), cfg), nprocs=nproc)
 
 
