@@ -26,15 +26,25 @@ from pirl.data import ImageDataset, ImageList, collate_skipping, embedded_root, 
 from pirl.errors import UserError
 from pirl.heads import PirlHeads
 from pirl.jigsaw import JigsawGeometry, PirlTransform
+from pirl.jigsaw_pretext import (
+    JigsawHead,
+    JigsawLoss,
+    JigsawModel,
+    JigsawTransform,
+    hamming_permutations,
+)
 from pirl.memory import MemoryBank
 from pirl.nce import PirlLoss
 from pirl.runs import RunDir, atomic_torch_save, resolve_device, seed_everything
 from pirl.trunk import Trunk, build_trunk
+from pirl.weights import read_checkpoint
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-METHODS = {"pirl": 0.5, "npid": 0.0}  # lambda of the PIRL loss; npid is NPID++
+# lambda of the PIRL loss; npid is NPID++; jigsaw, the Jigsaw-pretext baseline, uses the
+# patches only and classifies their permutation (pirl/jigsaw_pretext.py) instead of contrasting.
+METHODS = {"pirl": 0.5, "npid": 0.0, "jigsaw": 1.0}
 # Published recipe (DESIGN.md sec. 2) and the small embedded default that runs on a laptop.
 PAPER = {
     "arch": "resnet50",
@@ -82,6 +92,7 @@ class PretrainConfig:
     z_momentum: float = 0.0
     bank_momentum: float = 0.5
     embed_dim: int = 128
+    num_permutations: int = 1000  # jigsaw: size of the maximal-Hamming permutation set
     seed: int = 0
     device: str = "auto"
     num_workers: int = 2
@@ -150,9 +161,9 @@ class Trainer:
     """Everything a run holds, so checkpoint and resume see one object."""
 
     cfg: PretrainConfig
-    model: PirlModel
-    memory: MemoryBank
-    criterion: PirlLoss
+    model: PirlModel | JigsawModel
+    memory: MemoryBank | None
+    criterion: PirlLoss | JigsawLoss
     optimizer: torch.optim.Optimizer
     epoch: int = 0
     step: int = 0
@@ -162,7 +173,9 @@ class Trainer:
         return {
             "trunk": self.model.trunk.state_dict(),
             "heads": self.model.heads.state_dict(),
-            "memory": {"bank": self.memory.bank, "momentum": self.memory.momentum},
+            "memory": None
+            if self.memory is None
+            else {"bank": self.memory.bank, "momentum": self.memory.momentum},
             "nce": {k: v for k, v in self.criterion.state_dict().items() if "log_z" in k},
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
@@ -177,7 +190,8 @@ class Trainer:
         try:
             self.model.trunk.load_state_dict(ckpt["trunk"])
             self.model.heads.load_state_dict(ckpt["heads"])
-            self.memory.bank.copy_(ckpt["memory"]["bank"])
+            if self.memory is not None:
+                self.memory.bank.copy_(ckpt["memory"]["bank"])
             self.criterion.load_state_dict(ckpt["nce"], strict=False)
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (KeyError, RuntimeError, ValueError) as exc:
@@ -186,23 +200,16 @@ class Trainer:
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a native checkpoint safely (tensors and plain data only), naming the file on failure."""
-    if not path.exists():
-        raise UserError(f"{path}: checkpoint does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: unreadable checkpoint ({first})") from None
-
-
 def build_loader(
     cfg: PretrainConfig, epoch: int, rank: int, world: int, with_patches: bool
 ) -> torch.utils.data.DataLoader:
     """The epoch's loader; its shuffling and augmentation seeds depend on (seed, epoch) only."""
     images = list_images(cfg.data)
-    transform = PirlTransform(JigsawGeometry.for_image_size(cfg.image_size), with_patches)
+    geometry = JigsawGeometry.for_image_size(cfg.image_size)
+    if cfg.method == "jigsaw":
+        transform = JigsawTransform(geometry, hamming_permutations(cfg.num_permutations))
+    else:
+        transform = PirlTransform(geometry, with_patches)
     dataset = ImageDataset(images, transform, skip_bad=cfg.skip_bad_images)
     per_rank = max(1, cfg.batch_size // world)
     gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, rank))
@@ -240,14 +247,18 @@ def make_trainer(cfg: PretrainConfig, data_size: int, device: torch.device) -> T
     """Build model, bank, loss and optimizer from the resolved config."""
     torch.manual_seed(cfg.seed)
     trunk = build_trunk(cfg.arch, cfg.width)
-    heads = PirlHeads(trunk.out_dim, cfg.embed_dim)
-    model = PirlModel(trunk, heads).to(device)
+    if cfg.method == "jigsaw":  # the baseline: no bank, a permutation classifier
+        heads = JigsawHead(trunk.out_dim, hamming_permutations(cfg.num_permutations))
+        model: PirlModel | JigsawModel = JigsawModel(trunk, heads).to(device)
+        memory, criterion = None, JigsawLoss()
+    else:
+        model = PirlModel(trunk, PirlHeads(trunk.out_dim, cfg.embed_dim)).to(device)
+        memory = MemoryBank(data_size, cfg.embed_dim, cfg.bank_momentum, seed=cfg.seed).to(device)
+        criterion = PirlLoss(
+            memory, cfg.num_negatives, cfg.temperature, cfg.lam, cfg.loss, cfg.z_momentum
+        ).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    memory = MemoryBank(data_size, cfg.embed_dim, cfg.bank_momentum, seed=cfg.seed).to(device)
-    criterion = PirlLoss(
-        memory, cfg.num_negatives, cfg.temperature, cfg.lam, cfg.loss, cfg.z_momentum
-    ).to(device)
     optimizer = torch.optim.SGD(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum
     )
@@ -309,7 +320,7 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
             skipped += n_bad
             if batch is None:
                 continue
-            (images_b, patches_b, _perm), _labels, idx = batch
+            (images_b, patches_b, perm_b), _labels, idx = batch
             images_b = images_b.to(device, non_blocking=True)
             patches_b = patches_b.to(device, non_blocking=True) if with_patches else None
             if device.type == "cuda":
@@ -320,7 +331,10 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 f, g = model(images_b, patches_b)
-            loss = trainer.criterion(f.float(), None if g is None else g.float(), idx, neg_gen)
+            if cfg.method == "jigsaw":  # f: permutation logits; perm_b: the class index drawn
+                loss = trainer.criterion(f.float(), perm_b.to(device))
+            else:
+                loss = trainer.criterion(f.float(), None if g is None else g.float(), idx, neg_gen)
             if not torch.isfinite(loss):
                 raise UserError(
                     f"{cfg.out}: loss became {loss.item()} at epoch {epoch + 1}, step "
@@ -329,7 +343,8 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
             trainer.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             trainer.optimizer.step()
-            trainer.memory.update(idx, f.detach().float())
+            if trainer.memory is not None:
+                trainer.memory.update(idx, f.detach().float())
             trainer.step += 1
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
