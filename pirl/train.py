@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,6 @@ class PretrainConfig:
     amp: bool = True
     skip_bad_images: bool = False
     resume: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> PretrainConfig:
         """Fill every None from the paper (given --data) or the embedded default (no --data)."""
