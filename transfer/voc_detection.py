@@ -23,7 +23,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from pirl.data import cache_dir, load_image
 from pirl.errors import UserError
-from transfer.voc_ap import GroundTruth
+from transfer.voc_ap import GroundTruth, evaluate, read_devkit_detections
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -111,7 +111,9 @@ def parse_set_name(spec: str) -> tuple[str, str]:
     return year, split
 
 
-def read_voc_set(devkit: str | Path, year: str, split: str) -> list[VocImage]:
+def read_voc_set(
+    devkit: str | Path, year: str, split: str, need_images: bool = True
+) -> list[VocImage]:
     """All images of `VOC<year>/ImageSets/Main/<split>.txt` with their parsed annotations."""
     devkit = Path(devkit)
     if not devkit.is_dir():
@@ -127,7 +129,7 @@ def read_voc_set(devkit: str | Path, year: str, split: str) -> list[VocImage]:
     for image_id in ids:
         xml = base / "Annotations" / f"{image_id}.xml"
         jpg = base / "JPEGImages" / f"{image_id}.jpg"
-        if not jpg.exists():
+        if need_images and not jpg.exists():
             raise UserError(f"{jpg}: image listed in {listing.name} does not exist")
         width, height, objects = parse_annotation(xml)
         images.append(VocImage(image_id, jpg, xml, width, height, objects))
@@ -155,6 +157,17 @@ def ground_truth(
                 np.array([o.difficult for o in objs], dtype=bool),
             )
     return out
+
+
+def score_devkit_detections(
+    devkit: str | Path, detections: str | Path, year: str = "2007", split: str = "test",
+    use_07_metric: bool = True,
+) -> dict:  # fmt: skip
+    """AP/AP50/AP75 of devkit-format result files against a devkit split's annotations."""
+    images = read_voc_set(devkit, year, split, need_images=False)
+    classes = voc_classes(images)
+    dets = read_devkit_detections(detections, classes, [im.image_id for im in images], split)
+    return evaluate(ground_truth(images, classes), dets, classes, use_07_metric)
 
 
 class VocDetectionDataset(torch.utils.data.Dataset):
@@ -244,7 +257,7 @@ def embedded_detection_images(
     for _ in range(n):
         photo = photos[rng.integers(len(photos))]
         h, w = photo.shape[:2]
-        crop = int(size * rng.uniform(1.2, 2.5))
+        crop = min(int(size * rng.uniform(1.2, 2.5)), min(h, w) - 1)
         y, x = rng.integers(0, h - crop), rng.integers(0, w - crop)
         bg = Image.fromarray(photo[y : y + crop, x : x + crop]).resize((size, size), Image.BILINEAR)
         canvas = np.asarray(bg, dtype=np.float32) * 0.6

@@ -1,0 +1,208 @@
+import importlib.util
+import json
+import pickle
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from pirl.cli import main
+from pirl.errors import UserError
+from pirl.trunk import build_trunk
+from pirl.weights import from_detectron2, save_torchvision
+from transfer.detection import (
+    C4RoIAlign,
+    DetectionConfig,
+    Schedule,
+    assemble_table1,
+    build_c4_detector,
+    detector_trunk_state,
+    run_detection,
+    table1_markdown,
+    write_detectron2_handover,
+)
+from transfer.detection_cli import detection, parse_sizes, table1
+from transfer.voc_detection import build_embedded_voc
+
+
+def _randomised_trunk(arch="resnet18", width=0.125, seed=0):
+    """A trunk whose BN statistics and affine are far from the defaults, so copying shows."""
+    torch.manual_seed(seed)
+    trunk = build_trunk(arch, width)
+    for m in trunk.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    return trunk.eval()
+
+
+def test_r50_c4_shapes():
+    torch.manual_seed(0)
+    model = build_c4_detector(build_trunk("resnet50"), num_classes=20)
+    feats = model.backbone(torch.rand(1, 3, 64, 96))
+    assert list(feats) == ["res4"] and feats["res4"].shape == (1, 1024, 4, 6)
+    assert model.backbone.out_channels == 1024
+    boxes = [torch.tensor([[0.0, 0.0, 64.0, 64.0], [10.0, 20.0, 90.0, 60.0]])]
+    pooled = model.roi_heads.box_roi_pool(feats, boxes, [(64, 96)])
+    assert pooled.shape == (2, 1024, 14, 14)
+    assert model.roi_heads.box_head(pooled).shape == (2, 2048)
+    pred = model.roi_heads.box_predictor
+    assert pred.cls_score.out_features == 21 and pred.bbox_pred.out_features == 84
+    gen = model.rpn.anchor_generator
+    assert gen.sizes == ((32, 64, 128, 256, 512),) and gen.num_anchors_per_location() == [15]
+
+
+def test_roi_align_is_half_pixel_aligned():
+    # On a feature map whose value is the column index, an aligned RoIAlign bin averages to
+    # the column of its centre minus half a pixel: box x1=64 at stride 16 starts at column 4,
+    # bins are one cell wide, so bin k is centred at 4 + k + 0.5 - 0.5 = 4 + k.
+    ramp = torch.arange(32.0).expand(1, 1, 32, 32).contiguous()
+    box = torch.tensor([[64.0, 64.0, 64.0 + 16 * 14, 64.0 + 16 * 14]])
+    out = C4RoIAlign()({"res4": ramp}, [box], [(512, 512)])
+    assert torch.allclose(out[0, 0, 0], 4 + torch.arange(14.0), atol=1e-5)
+
+
+def test_backbone_holds_exactly_the_encoders_weights(tmp_path):
+    from pirl.weights import load_encoder
+
+    trunk = _randomised_trunk()
+    path = save_torchvision(trunk.state_dict(), tmp_path / "enc.pth")
+    enc = load_encoder(path)
+    model = build_c4_detector(enc.trunk, num_classes=3)
+    got = detector_trunk_state(model)
+    want = {k: v for k, v in trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert isinstance(enc.trunk.bn1, nn.BatchNorm2d)  # the encoder itself is left untouched
+
+
+def test_batchnorm_frozen_and_stem_res2_frozen():
+    trunk = _randomised_trunk(seed=1)
+    model = build_c4_detector(trunk, 3, (64,), 64, 64, roi_batch_size=16, proposals=(50, 20))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules()) == sum(
+        isinstance(m, nn.BatchNorm2d) for m in trunk.modules()
+    )
+    frozen = {n for n, p in model.backbone.named_parameters() if not p.requires_grad}
+    names = [n for n, _ in model.backbone.named_parameters()]
+    assert frozen == {n for n in names if n.startswith(("conv1", "layer1"))}
+    assert all(p.requires_grad for p in model.roi_heads.box_head.parameters())
+    # In training mode the frozen backbone computes what the trunk computes in eval mode.
+    x = torch.rand(2, 3, 64, 64)
+    model.train()
+    with torch.no_grad():
+        assert torch.allclose(model.backbone(x)["res4"], trunk(x, ("res4",))["res4"], atol=1e-5)
+    before = {k: v.clone() for k, v in detector_trunk_state(model).items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 40.0, 50.0]]), "labels": torch.tensor([2])}] * 2
+    sum(model(list(x), targets).values()).backward()
+    opt.step()
+    after = detector_trunk_state(model)
+    assert torch.equal(after["conv1.weight"], before["conv1.weight"])
+    assert torch.equal(after["layer1.0.conv1.weight"], before["layer1.0.conv1.weight"])
+    assert torch.equal(after["layer3.0.bn1.running_mean"], before["layer3.0.bn1.running_mean"])
+    assert not torch.equal(after["layer3.0.conv1.weight"], before["layer3.0.conv1.weight"])
+
+
+def test_schedule_scaling_and_warmup():
+    s = Schedule.scaled()
+    assert (s.iters, s.batch_size, s.base_lr) == (25000, 16, 0.02)
+    assert (s.steps, s.warmup) == ((17000,), 1000)
+    assert s.lr(0) == pytest.approx(0.02 * 0.001)
+    assert s.lr(500) == pytest.approx(0.02 * (0.001 * 0.5 + 0.5))
+    assert s.lr(1000) == s.lr(16999) == pytest.approx(0.02)
+    assert s.lr(17000) == pytest.approx(0.002)
+    small = Schedule.scaled(iters=1000, batch_size=4)
+    assert (small.base_lr, small.steps, small.warmup) == (pytest.approx(0.005), (680,), 40)
+    with pytest.raises(UserError):
+        Schedule.scaled(iters=0)
+    assert parse_sizes("480-800:32") == tuple(range(480, 801, 32))
+    assert parse_sizes("96,128") == (96, 128)
+
+
+def test_detectron2_handover(tmp_path):
+    trunk = _randomised_trunk("resnet50", 1.0, seed=2)
+    cfg = DetectionConfig(out=str(tmp_path), schedule=Schedule.scaled(5000, 8))
+    yaml_path, pkl = write_detectron2_handover(cfg, trunk, 20)
+    conf = json.loads(yaml_path.read_text())  # JSON is YAML: detectron2's merge_from_file reads it
+    m = conf["MODEL"]
+    assert m["RESNETS"] == {"DEPTH": 50, "OUT_FEATURES": ["res4"], "NORM": "FrozenBN",
+                            "STRIDE_IN_1X1": False}  # fmt: skip
+    assert m["BACKBONE"]["FREEZE_AT"] == 2 and m["ROI_HEADS"]["NAME"] == "Res5ROIHeads"
+    assert m["ROI_HEADS"]["NUM_CLASSES"] == 20 and m["WEIGHTS"] == str(pkl.resolve())
+    assert m["ROI_BOX_HEAD"] == {"POOLER_RESOLUTION": 14, "POOLER_SAMPLING_RATIO": 0,
+                                 "POOLER_TYPE": "ROIAlignV2"}  # fmt: skip
+    assert m["PIXEL_MEAN"] == pytest.approx([123.675, 116.28, 103.53])
+    assert conf["INPUT"]["FORMAT"] == "RGB" and conf["INPUT"]["MIN_SIZE_TEST"] == 800
+    assert conf["INPUT"]["MIN_SIZE_TRAIN"] == list(range(480, 801, 32))
+    sol = conf["SOLVER"]
+    assert (sol["IMS_PER_BATCH"], sol["MAX_ITER"]) == (8, 5000)
+    assert (sol["STEPS"], sol["WARMUP_ITERS"]) == ([3400], 200)
+    assert sol["BASE_LR"] == pytest.approx(0.01)
+    assert conf["DATASETS"]["TEST"] == ["pirl_voc_2007_test"]
+    with open(pkl, "rb") as fh:
+        d2 = pickle.load(fh)
+    assert d2["matching_heuristics"] is True
+    assert "res5.2.conv3.weight" in d2["model"] and "stem.conv1.norm.running_var" in d2["model"]
+    back = from_detectron2(d2["model"])
+    want = {k: v for k, v in trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert set(back) == set(want) and all(torch.equal(back[k], want[k]) for k in want)
+    with pytest.raises(UserError, match="bottleneck"):
+        write_detectron2_handover(cfg, build_trunk("resnet18"), 20)
+    with pytest.raises(UserError, match="full-width"):
+        write_detectron2_handover(cfg, build_trunk("resnet50", 0.25), 20)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("detectron2") is not None, reason="detectron2 present")
+def test_detectron2_backend_missing_says_how_to_install(tmp_path):
+    cfg = DetectionConfig(out=str(tmp_path / "run"), backend="detectron2")
+    with pytest.raises(UserError, match="pip install") as err:
+        run_detection(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_tiny_end_to_end_resume_and_rescore(tmp_path):
+    devkit = build_embedded_voc(n_trainval=4, n_test=3, size=64, seed=1)
+    weights = save_torchvision(_randomised_trunk().state_dict(), tmp_path / "enc.pth")
+    out = tmp_path / "run"
+    args = ["--voc-root", str(devkit), "--weights", f"tiny={weights}", "--out", str(out),
+            "--train-sets", "2007/trainval", "--batch-size", "2", "--train-sizes", "64",
+            "--test-size", "64", "--max-size", "64", "--roi-batch-size", "8",
+            "--proposals", "20,8", "--num-workers", "0", "--device", "cpu",
+            "--checkpoint-every", "1", "--lr", "0.01"]  # fmt: skip
+    res = CliRunner().invoke(detection, [*args, "--iters", "2"], catch_exceptions=False)
+    assert "AP50" in res.output and "| tiny |" in res.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "tiny" and results["metric"] == "voc07-11point"
+    assert all(0 <= results[k] <= 100 for k in ("AP", "AP50", "AP75"))
+    assert results["AP50"] >= results["AP75"]
+    assert (out / "table1_row.md").read_text().startswith("| tiny | ")
+    config = json.loads((out / "config.json").read_text())
+    assert config["schedule"]["iters"] == 2 and config["name"] == "tiny"
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    # The devkit files written by the run score to the same numbers through the CLI.
+    res = CliRunner().invoke(main, ["eval", "voc-detections", "--voc-root", str(devkit),
+                                    "--detections", str(out / "detections")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert f"AP50 {results['AP50']:.1f}" in res.output
+    # Resume continues from iteration 2 instead of starting over.
+    res = CliRunner().invoke(detection, [*args, "--iters", "3", "--resume"], catch_exceptions=False)
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines[1:]] == ["2", "3"]
+    table = assemble_table1([out])
+    assert table.Method.tolist() == ["tiny"] and "| tiny |" in table1_markdown(table)
+    res = CliRunner().invoke(table1, [str(out), "--out", str(tmp_path / "tables")])
+    assert res.exit_code == 0 and (tmp_path / "tables" / "table1.csv").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    res = CliRunner().invoke(main, ["eval", "voc-detections", "--voc-root", str(tmp_path / "nope"),
+                                    "--detections", str(tmp_path)])  # fmt: skip
+    assert res.exit_code == 2 and "error:" in res.output and "nope" in res.output
+    with pytest.raises(UserError, match="no results.json"):
+        assemble_table1([tmp_path])
