@@ -1,0 +1,518 @@
+"""Low-shot semi-supervised fine-tuning (the paper's Table 3): the whole network plus a linear
+classifier trained on a class-balanced 1% or 10% of the labels, top-1/top-5 on validation.
+
+Recipe (defaults): SGD Nesterov momentum 0.9, batch 256, LR 0.01 for trunk and head, decayed
+10x at epoch 30 of 70 (the milestone scales with --epochs), no weight decay,
+RandomResizedCrop + flip for training and Resize(256/224 x) + CenterCrop for validation.
+
+Subsets: class c with n_c training images contributes max(1, round_half_up(percent/100 n_c))
+images (or a fixed --per-class count), drawn by a permutation seeded from (seed, c) over its
+sorted files, so a run repeats exactly and for one seed the 1% subset lies inside the 10% one.
+The chosen files go to subset.txt in the split-file format, so `--split-file subset.txt`
+replays them. Checkpoints are written atomically each epoch and every epoch's randomness is
+seeded from (seed, epoch), so --resume continues exactly (on the CPU) as pirl/train.py does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from pirl.data import ImageDataset, ImageList, embedded_root, list_images
+from pirl.errors import UserError
+from pirl.features import IMAGENET_MEAN, IMAGENET_STD, center_crop_transform
+from pirl.runs import RunDir, atomic_torch_save, atomic_write_bytes, resolve_device, seed_everything
+from pirl.train import _epoch_seed, param_groups, read_checkpoint
+from pirl.trunk import Trunk
+from pirl.weights import load_encoder
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+# Published recipe and the small embedded default that runs in minutes on a CPU.
+PAPER = {"epochs": 70, "batch_size": 256, "image_size": 224}
+EMBEDDED = {"epochs": 30, "batch_size": 64, "image_size": 64}
+PAPER_MILESTONE = Fraction(30, 70)  # LR / 10 at epoch 30 of 70
+
+
+# --------------------------------------------------------------------------- subsets
+
+
+@dataclass
+class Subset:
+    """Which training images a run uses, and how they came to be chosen."""
+
+    indices: list[int]  # into the training ImageList, sorted
+    counts: dict[str, int]  # images used per class
+    short: dict[str, dict[str, int]]  # class -> {"asked", "available"} where fewer were there
+    source: str  # how it was drawn ("percent 10, seed 0") or the split file read
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def per_class_count(n: int, percent: float) -> int:
+    """percent% of a class, rounded half up (exactly, not in floating point), at least one."""
+    share = Fraction(str(percent)) * n / 100
+    return max(1, math.floor(share + Fraction(1, 2)))
+
+
+def _by_class(images: ImageList) -> list[list[int]]:
+    members: list[list[int]] = [[] for _ in images.classes]
+    for i, y in enumerate(images.labels):
+        members[y].append(i)
+    return [sorted(m, key=lambda i: images.paths[i].name) for m in members]
+
+
+def balanced_subset(
+    images: ImageList, percent: float, seed: int, per_class: int | None = None
+) -> Subset:
+    """Draw percent% of every class (or `per_class` images each), seeded per (seed, class)."""
+    if not images.classes:
+        raise UserError(f"{images.root}: low-shot needs labelled images in class folders")
+    if per_class is None and not 0 < percent <= 100:
+        raise UserError(f"--percent {percent}: must be in (0, 100]")
+    if per_class is not None and per_class < 1:
+        raise UserError(f"--per-class {per_class}: must be at least 1")
+    chosen: list[int] = []
+    counts: dict[str, int] = {}
+    short: dict[str, dict[str, int]] = {}
+    for c, members in enumerate(_by_class(images)):
+        name = images.classes[c]
+        asked = per_class if per_class is not None else per_class_count(len(members), percent)
+        if asked > len(members):
+            short[name] = {"asked": asked, "available": len(members)}
+            log.warning(
+                "class %s has %d images, fewer than the %d asked for; using all of them",
+                name,
+                len(members),
+                asked,
+            )
+        order = np.random.default_rng([seed, c]).permutation(len(members))
+        picked = [members[j] for j in order[:asked]]
+        chosen += picked
+        counts[name] = len(picked)
+    how = f"{per_class} per class" if per_class is not None else f"{percent:g}% per class"
+    return Subset(sorted(chosen), counts, short, f"{how}, seed {seed}")
+
+
+def _split_key(entry: str) -> tuple[str, str]:
+    """(class folder, file name) of a split-file entry: a path, or a name like n0144_10.JPEG."""
+    parts = [p for p in entry.replace("\\", "/").split("/") if p]
+    if len(parts) >= 2:
+        return parts[-2], parts[-1]
+    name = parts[0]
+    return name.split("_", 1)[0] if "_" in name else "", name
+
+
+def read_split_file(path: str | Path, images: ImageList) -> Subset:
+    """Read a list of training images (one path or `<class>_<id>.ext` name per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: split file not found")
+    index = {
+        (images.classes[y], p.name): i
+        for i, (p, y) in enumerate(zip(images.paths, images.labels, strict=True))
+    }
+    chosen: dict[int, int] = {}
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            if len(entry.split()) != 1:
+                raise UserError(
+                    f"{path}:{lineno}: expected one image path or file name, got {entry[:80]!r}"
+                )
+            cls, name = _split_key(entry)
+            if not cls:
+                raise UserError(
+                    f"{path}:{lineno}: {entry!r} names no class: use "
+                    "<class>/<file> or a <class>_<id> file name"
+                )
+            if cls not in images.classes:
+                raise UserError(f"{path}:{lineno}: class {cls!r} is not a folder of {images.root}")
+            if (cls, name) not in index:
+                raise UserError(f"{path}:{lineno}: {name} is not in {images.root / cls}")
+            i = index[(cls, name)]
+            if i in chosen:
+                raise UserError(f"{path}:{lineno}: {entry!r} repeats line {chosen[i]}")
+            chosen[i] = lineno
+    if not chosen:
+        raise UserError(f"{path}: no images listed")
+    counts = dict.fromkeys(images.classes, 0)
+    for i in chosen:
+        counts[images.classes[images.labels[i]]] += 1
+    short = {c: {"asked": 1, "available": 0} for c, n in counts.items() if n == 0}
+    for c in short:
+        log.warning("split file %s lists no image of class %s", path, c)
+    return Subset(sorted(chosen), counts, short, str(path))
+
+
+def write_subset(path: Path, subset: Subset, images: ImageList) -> Path:
+    """subset.txt: `<class>/<file>` per line, the format --split-file reads back."""
+    lines = [f"{images.classes[images.labels[i]]}/{images.paths[i].name}\n" for i in subset.indices]
+    atomic_write_bytes(path, "".join(lines).encode())
+    return path
+
+
+def take(images: ImageList, indices: list[int]) -> ImageList:
+    """The ImageList restricted to `indices`, keeping every class (labels stay comparable)."""
+    return ImageList(
+        images.root,
+        [images.paths[i] for i in indices],
+        [images.labels[i] for i in indices],
+        images.classes,
+    )
+
+
+# --------------------------------------------------------------------------- model, metrics
+
+
+class FineTuneNet(nn.Module):
+    """Trunk, global average pool, linear classifier: the network fine-tuned end to end."""
+
+    def __init__(self, trunk: Trunk, num_classes: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.fc = nn.Linear(trunk.out_dim, num_classes)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.trunk.pooled(x))
+
+
+def topk_accuracy(
+    logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> dict[int, float]:
+    """Fraction of rows whose label is among the k highest scores, per k (k capped at classes)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top == labels[:, None]
+    return {k: hit[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def train_transform(size: int, min_crop: float = 0.08) -> T.Compose:
+    """RandomResizedCrop (area min_crop..1) + flip at the run's image size, ImageNet-normalised."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(min_crop, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class LowshotConfig:
+    """Every knob of one fine-tuning run; None fields resolve to PAPER or EMBEDDED defaults."""
+
+    weights: str = "random"
+    name: str = "random"
+    data: str | None = None
+    out: str = "runs/lowshot"
+    percent: float = 10.0
+    per_class: int | None = None
+    split_file: str | None = None
+    epochs: int | None = None
+    milestones: list[int] | None = None
+    batch_size: int | None = None
+    image_size: int | None = None
+    min_crop: float = 0.08
+    lr: float = 0.01
+    head_lr: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 2
+    resume: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> LowshotConfig:
+        """Fill every None from the paper (given --data) or the embedded default (no --data)."""
+        cfg = dataclasses.replace(self)
+        for key, value in (PAPER if self.data else EMBEDDED).items():
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, value)
+        if cfg.data is None:
+            cfg.data = str(embedded_root(cfg.image_size))
+        if cfg.head_lr is None:
+            cfg.head_lr = cfg.lr
+        if cfg.milestones is None:
+            cfg.milestones = [max(1, math.floor(PAPER_MILESTONE * cfg.epochs + Fraction(1, 2)))]
+        return cfg
+
+
+def lr_factor(epoch: int, milestones: list[int]) -> float:
+    """LR multiplier in an epoch: 0.1 for every milestone already reached."""
+    return 0.1 ** sum(epoch >= m for m in milestones)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def load_data(cfg: LowshotConfig) -> tuple[ImageList, ImageList, Subset]:
+    """The labelled training set, the validation set (same class indices) and the subset."""
+    root = Path(cfg.data)
+    train = list_images(root / "train")
+    val = list_images(root / "val")
+    if not train.classes:
+        raise UserError(f"{root / 'train'}: expected one folder per class (ImageFolder)")
+    index = {c: i for i, c in enumerate(train.classes)}
+    unknown = [c for c in val.classes if c not in index]
+    if unknown or not val.classes:
+        what = (
+            f"class folder {unknown[0]!r} is not in {root / 'train'}"
+            if unknown
+            else "expected one folder per class (ImageFolder)"
+        )
+        raise UserError(f"{root / 'val'}: {what}")
+    val = ImageList(val.root, val.paths, [index[val.classes[y]] for y in val.labels], train.classes)
+    if cfg.split_file:
+        subset = read_split_file(cfg.split_file, train)
+    else:
+        subset = balanced_subset(train, cfg.percent, cfg.seed, cfg.per_class)
+    return train, val, subset
+
+
+def _loader(
+    dataset: torch.utils.data.Dataset,
+    batch: int,
+    shuffle: bool,
+    seed: int,
+    sampler: torch.utils.data.Sampler | None,
+    workers: int,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: ImageList,
+    size: int,
+    batch: int,
+    device: torch.device,
+    workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation logits and labels; under DDP each rank scores every world-th image."""
+    rank, world = _world()
+    mine = list(range(rank, len(images), world))
+    dataset = ImageDataset(take(images, mine), center_crop_transform(size))
+    model.eval()
+    chunks = []
+    for x, _, _ in _loader(dataset, batch, False, 0, None, workers):
+        chunks.append(model(x.to(device, non_blocking=True)).float().cpu())
+    logits = torch.cat(chunks) if chunks else torch.zeros(0, len(images.classes))
+    if world > 1:
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, (mine, logits))
+        order = [i for idx, _ in parts for i in idx]
+        logits = torch.cat([lg for _, lg in parts])[torch.argsort(torch.tensor(order))]
+    return logits, torch.tensor(images.labels)
+
+
+def _state(
+    model: FineTuneNet, optimizer: torch.optim.Optimizer, epoch: int, cfg: LowshotConfig
+) -> dict[str, Any]:
+    """A native-layout checkpoint (trunk under torchvision keys), so load_encoder reads it."""
+    return {
+        "trunk": model.trunk.state_dict(),
+        "classifier": model.fc.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "config": {**dataclasses.asdict(cfg), "method": "lowshot"},
+        "version": CHECKPOINT_VERSION,
+    }
+
+
+def _restore(model: FineTuneNet, optimizer: torch.optim.Optimizer, path: Path) -> int:
+    ckpt = read_checkpoint(path)
+    try:
+        model.trunk.load_state_dict(ckpt["trunk"])
+        model.fc.load_state_dict(ckpt["classifier"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        return int(ckpt["epoch"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"{path}: cannot resume from this checkpoint ({first})") from None
+
+
+def _optimizer(model: FineTuneNet, cfg: LowshotConfig) -> torch.optim.SGD:
+    """SGD with the trunk and the head in their own groups (own base LR, same decay rule)."""
+    groups = []
+    for part, base in ((model.trunk, cfg.lr), (model.fc, cfg.head_lr)):
+        for group in param_groups(part, cfg.weight_decay):
+            groups.append({**group, "lr": base, "base_lr": base})
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def finetune(cfg: LowshotConfig) -> dict[str, Any]:
+    """Fine-tune one encoder on the subset, evaluate on val; rank 0 writes the run folder."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if resolve_device(cfg.device).type == "cuda" else "gloo")
+    rank, world = _world()
+    cfg = cfg.resolved()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    train, val, subset = load_data(cfg)
+    run = RunDir(cfg.out)
+    ckpt_path = run.path("checkpoint.pth")
+    if ckpt_path.exists() and not cfg.resume:
+        raise UserError(f"{ckpt_path}: a run exists here; pass --resume or choose another --out")
+    encoder = load_encoder(cfg.weights, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = FineTuneNet(encoder.trunk, len(train.classes)).to(device)
+    optimizer = _optimizer(model, cfg)
+    start = _restore(model, optimizer, ckpt_path) if cfg.resume and ckpt_path.exists() else 0
+    if rank == 0:
+        run.write_config(
+            {
+                **dataclasses.asdict(cfg),
+                "encoder": encoder.source,
+                "arch": encoder.arch,
+                "width": encoder.width,
+            }
+        )
+        write_subset(run.path("subset.txt"), subset, train)
+        log.info(
+            "%s: %d training images (%s), %s per class",
+            cfg.name,
+            len(subset),
+            subset.source,
+            _count_summary(subset.counts),
+        )
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    transform = train_transform(cfg.image_size, cfg.min_crop)
+    dataset = ImageDataset(take(train, subset.indices), transform)
+    per_rank = max(1, cfg.batch_size // world)
+    criterion = nn.CrossEntropyLoss()
+    for epoch in range(start, cfg.epochs):
+        seed_everything(_epoch_seed(cfg.seed, epoch, rank))
+        sampler = None
+        if world > 1:
+            sampler = torch.utils.data.DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed
+            )
+            sampler.set_epoch(epoch)
+        loader = _loader(
+            dataset,
+            per_rank,
+            True,
+            _epoch_seed(cfg.seed, epoch, rank),
+            sampler,
+            cfg.num_workers,
+            drop_last=len(dataset) > per_rank * world,
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(epoch, cfg.milestones)
+        net.train()
+        seen, correct, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
+        bar = tqdm(
+            loader,
+            desc=f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}",
+            disable=rank != 0,
+            leave=False,
+        )
+        for x, y, _ in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = net(x)
+            loss = criterion(logits, y)
+            if not torch.isfinite(loss):
+                raise UserError(
+                    f"{cfg.out}: loss became {loss.item()} at epoch {epoch + 1}; "
+                    f"stopped, last good checkpoint kept at {ckpt_path}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.item() * len(y)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        seconds = time.perf_counter() - t0
+        if rank == 0:
+            atomic_torch_save(_state(model, optimizer, epoch + 1, cfg), ckpt_path)
+            run.append_metrics(
+                {
+                    "epoch": epoch + 1,
+                    "loss": loss_sum / max(seen, 1),
+                    "train_top1": correct / max(seen, 1),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "head_lr": optimizer.param_groups[-1]["lr"],
+                    "images_per_s": seen * world / seconds,
+                    "seconds": round(seconds, 2),
+                }
+            )
+    logits, labels = predict(model, val, cfg.image_size, per_rank, device, cfg.num_workers)
+    acc = topk_accuracy(logits, labels, (1, 5))
+    results = {
+        "method": cfg.name,
+        "weights": cfg.weights,
+        "encoder": encoder.source,
+        "percent": cfg.percent,
+        "split_file": cfg.split_file,
+        "subset": subset.source,
+        "train_images": len(subset),
+        "val_images": len(val),
+        "classes": len(train.classes),
+        "per_class": subset.counts,
+        "short_classes": subset.short,
+        "top1": 100 * acc[1],
+        "top5": 100 * acc[5],
+        "epochs": cfg.epochs,
+    }
+    if rank == 0:
+        run.write_results(results)
+        log.info(
+            "%s %g%%: top-1 %.1f, top-5 %.1f",
+            cfg.name,
+            cfg.percent,
+            results["top1"],
+            results["top5"],
+        )
+    return results
+
+
+def _count_summary(counts: dict[str, int]) -> str:
+    values = sorted(set(counts.values()))
+    return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
