@@ -62,10 +62,17 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--out", default="runs/pretrain", show_default=True, help="Run folder.")
 @click.option(
     "--method",
-    type=click.Choice(["pirl", "npid"]),
+    type=click.Choice(["pirl", "npid", "jigsaw"]),
     default="pirl",
     show_default=True,
-    help="pirl (lambda 0.5) or npid (NPID++, lambda 0).",
+    help="pirl (lambda 0.5), npid (NPID++, lambda 0) or jigsaw (the Jigsaw-pretext baseline).",
+)
+@click.option(
+    "--num-permutations",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="jigsaw: permutation classes (maximal-Hamming set).",
 )
 @click.option(
     "--arch",

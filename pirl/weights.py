@@ -276,10 +276,13 @@ def _need(obj: Any, keys: Iterable[str], path: Path, fmt: str) -> Any:
 def _read_native(obj: Any, path: Path) -> _Parsed:
     trunk = _need(obj, ["trunk"], path, "native")
     heads = obj.get("heads") if _is_state(obj.get("heads")) else None
+    unmapped: tuple[str, ...] = ()
+    if heads is not None and "f.proj.weight" not in heads:  # e.g. the Jigsaw-pretext classifier
+        heads, unmapped = None, tuple(sorted(heads, key=_natural))
     memory = obj.get("memory")
     bank = memory.get("bank") if isinstance(memory, Mapping) else memory
     size = int(bank.shape[0]) if torch.is_tensor(bank) and bank.ndim == 2 else None
-    return _Parsed("native", _trunk_only(trunk), heads, memory_size=size)
+    return _Parsed("native", _trunk_only(trunk), heads, unmapped, memory_size=size)
 
 
 def _read_vissl(obj: Any, path: Path) -> _Parsed:

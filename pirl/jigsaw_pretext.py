@@ -1,0 +1,124 @@
+"""The Jigsaw pretext baseline (Noroozi & Favaro 2016): which permutation shuffled 9 patches?
+
+Each patch goes through the shared trunk on its own (res5, global average pool, d dims); the 9
+features are concatenated in the shuffled order (9d) and one Linear layer scores the P
+permutations of the set, as VISSL's ResNet-50 Jigsaw (`siamese_concat_view` + `mlp`). The
+permutation set is the greedy maximal-Hamming construction of Noroozi & Favaro: start from a
+seeded random permutation, then repeatedly add the permutation whose minimum Hamming distance to
+those already chosen is largest (the first such in lexicographic order on ties).
+
+Checkpoint `heads` keys: `permutations` (P, 9) int64, the set in class order (row c is class c);
+`classifier.weight` (P, 9d) and `classifier.bias` (P,).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from pirl.jigsaw import JigsawGeometry, PirlTransform, patch_boxes, random_offsets
+from pirl.trunk import Trunk
+
+NUM_PERMUTATIONS = 1000
+
+
+@functools.lru_cache(maxsize=4)
+def _all_permutations(num_patches: int) -> np.ndarray:
+    """Every permutation of range(num_patches) in lexicographic order, transposed (n, n!)."""
+    flat = itertools.chain.from_iterable(itertools.permutations(range(num_patches)))
+    total = int(np.prod(np.arange(1, num_patches + 1)))
+    perms = np.fromiter(flat, np.uint8, count=total * num_patches).reshape(total, num_patches)
+    return np.ascontiguousarray(perms.T)
+
+
+@functools.lru_cache(maxsize=8)
+def _greedy_set(n: int, num_patches: int, seed: int) -> np.ndarray:
+    cols = _all_permutations(num_patches)
+    total = cols.shape[1]
+    if not 1 <= n <= total:
+        raise ValueError(f"{n} permutations of {num_patches} patches: choose 1..{total}")
+    chosen = [int(np.random.default_rng(seed).integers(total))]
+    min_dist = np.full(total, num_patches + 1, dtype=np.uint8)
+    dist = np.empty(total, dtype=np.uint8)
+    for _ in range(n - 1):
+        j = chosen[-1]
+        dist[:] = 0
+        for r in range(num_patches):
+            dist += cols[r] != cols[r, j]
+        np.minimum(min_dist, dist, out=min_dist)
+        chosen.append(int(min_dist.argmax()))
+    return cols[:, chosen].T.astype(np.int64)
+
+
+def hamming_permutations(
+    n: int = NUM_PERMUTATIONS, num_patches: int = 9, seed: int = 0
+) -> torch.Tensor:
+    """(n, num_patches) permutations far apart in Hamming distance, so classes are separable."""
+    return torch.from_numpy(_greedy_set(n, num_patches, seed).copy())
+
+
+def min_hamming_distance(perms: torch.Tensor) -> int:
+    """Smallest number of positions in which two permutations of the set differ."""
+    d = (perms[:, None, :] != perms[None, :, :]).sum(-1)
+    d.fill_diagonal_(perms.shape[1] + 1)
+    return int(d.min())
+
+
+class JigsawHead(nn.Module):
+    """Linear(9d, P) on the patch features concatenated in the shuffled order; keeps the set."""
+
+    def __init__(self, in_dim: int, permutations: torch.Tensor) -> None:
+        super().__init__()
+        self.num_patches = permutations.shape[1]
+        self.register_buffer("permutations", permutations.clone().long())
+        self.classifier = nn.Linear(self.num_patches * in_dim, permutations.shape[0])
+
+    def forward(self, patch_feat: torch.Tensor) -> torch.Tensor:
+        """patch_feat: (B * 9, d), one image's patches consecutive -> (B, P) logits."""
+        return self.classifier(patch_feat.reshape(-1, self.num_patches * patch_feat.shape[1]))
+
+
+class JigsawModel(nn.Module):
+    """Shared trunk on each patch + JigsawHead; same call shape as PirlModel (image ignored)."""
+
+    def __init__(self, trunk: Trunk, heads: JigsawHead) -> None:
+        super().__init__()
+        self.trunk, self.heads = trunk, heads
+
+    def forward(self, images: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """(permutation logits (B, P), None): no image view and no embedding for a bank."""
+        return self.heads(self.trunk.pooled(patches.flatten(0, 1))), None
+
+
+class JigsawLoss(nn.Module):
+    """Cross-entropy over the permutation classes."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target)
+
+
+class JigsawTransform(PirlTransform):
+    """PIRL's patch view with the shuffle drawn from the permutation set.
+
+    Returns (empty image (0,1,1), patches (9,3,P,P), class index) where slot k of the patches
+    holds cell permutations[class][k]; the augmentation is PIRL's, per patch.
+    """
+
+    def __init__(self, geometry: JigsawGeometry, permutations: torch.Tensor) -> None:
+        super().__init__(geometry, with_patches=True)
+        self.permutations = permutations
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = self.geometry
+        label = torch.randint(len(self.permutations), ())
+        source = self.source_crop(img)
+        boxes = patch_boxes(g, random_offsets(g)).tolist()
+        cells = [source.crop((x0, y0, x1, y1)) for y0, x0, y1, x1 in boxes]
+        patches = torch.stack([self.augment(cells[int(k)]) for k in self.permutations[label]])
+        return torch.empty(0, 1, 1), patches, label

@@ -1,0 +1,120 @@
+"""Jigsaw pretext: the maximal-Hamming permutation set, the classifier, and `--method jigsaw`."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pirl.cli import main
+from pirl.jigsaw import JigsawGeometry, unshuffle
+from pirl.jigsaw_pretext import (
+    JigsawHead,
+    JigsawLoss,
+    JigsawModel,
+    JigsawTransform,
+    hamming_permutations,
+    min_hamming_distance,
+)
+from pirl.train import read_checkpoint
+from pirl.trunk import build_trunk
+from pirl.weights import load_encoder
+
+
+def test_default_set_has_1000_distinct_permutations_and_is_deterministic() -> None:
+    perms = hamming_permutations()
+    assert perms.shape == (1000, 9)
+    assert len({tuple(p) for p in perms.tolist()}) == 1000
+    assert all(sorted(p) == list(range(9)) for p in perms.tolist())
+    assert torch.equal(perms, hamming_permutations(1000, 9, 0))
+    assert not torch.equal(hamming_permutations(10, 9, 0), hamming_permutations(10, 9, 1))
+
+
+def test_small_sets_reach_the_hand_checked_distances() -> None:
+    # 3 patches: the three cyclic shifts differ everywhere, so greedy finds distance 3; any
+    # fourth permutation of 3 items agrees with one of them somewhere (a transposition fixes
+    # one point), so distance 2 from then on.
+    three = hamming_permutations(3, 3, seed=0)
+    assert min_hamming_distance(three) == 3
+    assert min_hamming_distance(hamming_permutations(4, 3, seed=0)) == 2
+    # two permutations of 9: the second is a derangement relative to the first
+    two = hamming_permutations(2, 9, seed=0)
+    assert min_hamming_distance(two) == 9
+    # after a seeded start, greedy on 4 patches equals a plain itertools search
+    perms = [tuple(p) for p in itertools.permutations(range(4))]
+    start = int(np.random.default_rng(5).integers(len(perms)))
+    chosen = [perms[start]]
+    for _ in range(7):
+        score = [min(sum(a != b for a, b in zip(p, q, strict=True)) for q in chosen) for p in perms]
+        chosen.append(perms[score.index(max(score))])
+    assert hamming_permutations(8, 4, seed=5).tolist() == [list(p) for p in chosen]
+
+
+def test_more_permutations_than_exist_is_refused() -> None:
+    with pytest.raises(ValueError, match="choose 1..6"):
+        hamming_permutations(7, 3)
+
+
+def test_transform_shuffles_by_the_recorded_class() -> None:
+    perms = hamming_permutations(20)
+    geometry = JigsawGeometry.for_image_size(32)
+    from PIL import Image
+
+    # a horizontal ramp: every cell has its own mean after unshuffling, whatever the jitter
+    ramp = np.tile(np.arange(geometry.source_size, dtype=np.uint8)[None, :, None], (40, 1, 3))
+    img = Image.fromarray(np.ascontiguousarray(ramp.transpose(1, 0, 2))).resize((64, 64))
+    transform = JigsawTransform(geometry, perms)
+    transform.augment = lambda x: torch.from_numpy(np.asarray(x, dtype=np.float32).copy())
+    transform.source_crop = lambda x: x.resize((geometry.source_size,) * 2)
+    torch.manual_seed(0)
+    image, patches, label = transform(img)
+    assert image.numel() == 0 and patches.shape[0] == 9 and 0 <= int(label) < 20
+    rows = unshuffle(patches, perms[label]).mean(dim=(1, 2, 3)).reshape(3, 3)
+    assert torch.all(rows[1:] > rows[:-1])  # cells in row-major order go down the ramp
+
+
+def test_model_shapes_and_loss_decreases() -> None:
+    torch.manual_seed(0)
+    perms = hamming_permutations(8)
+    trunk = build_trunk("resnet18", 0.125)
+    model = JigsawModel(trunk, JigsawHead(trunk.out_dim, perms))
+    patches = torch.randn(6, 9, 3, 16, 16)
+    target = torch.randint(0, 8, (6,))
+    logits, none = model(torch.empty(6, 0, 1, 1), patches)
+    assert logits.shape == (6, 8) and none is None
+    loss = JigsawLoss()
+    assert torch.isclose(loss(logits, target), -logits.log_softmax(1)[range(6), target].mean())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    first = None
+    for _ in range(8):
+        value = loss(model(None, patches)[0], target)
+        first = value.item() if first is None else first
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    assert value.item() < first - 0.1, (first, value.item())
+
+
+def test_pretrain_method_jigsaw_writes_a_checkpoint_load_encoder_reads(
+    tiny_folder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "jig"
+    args = ["pretrain", "--method", "jigsaw", "--data", str(tiny_folder), "--out", str(out),
+            "--arch", "resnet18", "--width", "0.125", "--image-size", "32", "--epochs", "1",
+            "--batch-size", "16", "--num-permutations", "10", "--num-workers", "0",
+            "--device", "cpu"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    ckpt = read_checkpoint(out / "checkpoint.pth")
+    assert ckpt["config"]["method"] == "jigsaw" and ckpt["memory"] is None
+    assert set(ckpt["heads"]) == {"permutations", "classifier.weight", "classifier.bias"}
+    assert torch.equal(ckpt["heads"]["permutations"], hamming_permutations(10))
+    assert ckpt["heads"]["classifier.weight"].shape == (10, 9 * 64)
+    enc = load_encoder(out / "checkpoint.pth")
+    assert enc.heads is None and enc.arch == "resnet18" and enc.width == 0.125
+    for k, v in enc.trunk.state_dict().items():
+        assert torch.equal(v, ckpt["trunk"][k]), k
