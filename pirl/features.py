@@ -61,6 +61,12 @@ def pool_stage(x: torch.Tensor, layer: str) -> torch.Tensor:
     return x.flatten(1)
 
 
+def pool_grid(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """Average over a grid x grid partition, cells row-major with the channels inside each: the
+    layout of per-patch features concatenated in jigsaw cell order (grid 1: global average)."""
+    return F.adaptive_avg_pool2d(x, grid).permute(0, 2, 3, 1).flatten(1)
+
+
 def feature_dim(trunk: Trunk, layer: str) -> int:
     """Length of one pooled feature vector: channels times the benchmark grid cells."""
     channels = trunk.channels[_stage(layer)]
@@ -128,6 +134,7 @@ class FeatureExtractor:
         layer: str = "res5",
         device: str | torch.device = "auto",
         amp: bool = True,
+        grid: int | None = None,
     ) -> None:
         self.stage = _stage(layer)
         self.layer = layer
@@ -137,7 +144,9 @@ class FeatureExtractor:
         self.trunk = trunk.eval().requires_grad_(False).to(self.device)
         if self.cuda:
             self.trunk = self.trunk.to(memory_format=torch.channels_last)
-        self.dim = feature_dim(trunk, layer)
+        self.grid = grid  # None: the benchmark pooling; else pool_grid (invariance analysis)
+        grid_dim = trunk.channels[self.stage] * (grid or 1) ** 2
+        self.dim = feature_dim(trunk, layer) if grid is None else grid_dim
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,6 +156,8 @@ class FeatureExtractor:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             out = self.trunk(x, (self.stage,))[self.stage]
+            if self.grid is not None:
+                return pool_grid(out.float(), self.grid)
             return pool_stage(out.float(), self.layer)
 
     def extract(
