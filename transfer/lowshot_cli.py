@@ -111,8 +111,16 @@ def lowshot(
 
 
 if __name__ == "__main__":
+    import torch.distributed as dist
+
     try:
-        lowshot()
+        lowshot(standalone_mode=False)
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
