@@ -298,9 +298,12 @@ def detect(
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, rows)
         rows = [r for part in gathered for r in part]
+    by_label: dict[int, list[tuple[str, int, float, list[float]]]] = {}
+    for r in rows:
+        by_label.setdefault(r[1], []).append(r)
     out: dict[str, Detections] = {}
     for k, cls in enumerate(classes, start=1):
-        mine = [r for r in rows if r[1] == k]
+        mine = by_label.get(k, [])
         out[cls] = Detections(
             [r[0] for r in mine],
             np.array([r[2] for r in mine], dtype=np.float64),
@@ -312,7 +315,8 @@ def detect(
 def _load_trunk(cfg: DetectionConfig) -> tuple[Trunk, str]:
     from pirl.weights import load_encoder
 
-    spec = cfg.weights or "random:resnet18@0.25"
+    # No weights: the random floor row; on the embedded set, a trunk small enough for a CPU.
+    spec = cfg.weights or ("random:resnet50" if cfg.voc_root else "random:resnet18@0.25")
     enc = load_encoder(spec, arch=cfg.arch, seed=cfg.seed)
     return enc.trunk, enc.source
 
@@ -394,7 +398,7 @@ def run_detection(cfg: DetectionConfig) -> dict[str, Any]:
         losses = net(imgs, targets)
         loss = sum(losses.values())
         if not math.isfinite(loss.item()):
-            raise RuntimeError(f"loss became {loss.item()} at iteration {it}; lower the LR")
+            raise UserError(f"{cfg.out}: loss became {loss.item()} at iteration {it}; lower --lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
