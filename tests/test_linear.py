@@ -9,7 +9,10 @@ from transfer.linear import (
     envelope_ap,
     fit_path,
     kfold,
+    scaled_schedule,
     solve_squared_hinge,
+    topk_correct,
+    train_probe,
     voc07_svm,
 )
 
@@ -116,3 +119,49 @@ def test_voc07_map_agrees_with_linearsvc(d):
     assert abs(ours["mAP"] - want) < 0.3
     assert 40 < want < 100  # a problem where the cost matters, not a trivial one
     assert len(ours["ap"]) == 3 and all(c in COSTS for c in np.round(ours["cost"], 6))
+
+
+def test_schedules_scale_with_fewer_epochs():
+    assert scaled_schedule("imagenet") == (28, (8, 16, 24))
+    assert scaled_schedule("inat18", 84) == (84, (24, 48, 72))
+    assert scaled_schedule("imagenet", 7) == (7, (2, 4, 6))  # 8/28*7 = 2, 16/28*7 = 4, 24/28*7 = 6
+    assert scaled_schedule("places205", 2) == (2, (1,))
+
+
+def test_topk_counts_against_numpy():
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((50, 8))
+    labels = rng.integers(0, 8, 50)
+    rank = (logits > logits[np.arange(50), labels][:, None]).sum(1)  # 0 = best
+    got = topk_correct(torch.tensor(logits), torch.tensor(labels))
+    assert got == [int((rank < 1).sum()), int((rank < 5).sum())]
+    # fewer classes than k: top-5 of 3 classes counts every row
+    assert topk_correct(torch.tensor(logits[:, :3]), torch.tensor(labels % 3))[1] == 50
+
+
+def test_probe_learns_separable_classes_and_fails_on_shuffled_labels():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(4)
+    centers = rng.standard_normal((4, 16)) * 3
+    y = rng.integers(0, 4, 400)
+    x = (centers[y] + rng.standard_normal((400, 16))).astype(np.float32)
+
+    def batches(xs, ys, seed):
+        order = np.random.default_rng(seed).permutation(len(xs))
+        for i in range(0, len(xs), 32):
+            j = order[i : i + 32]
+            yield torch.tensor(xs[j]), torch.tensor(ys[j])
+
+    def run(labels):
+        return train_probe(
+            lambda e: batches(x[:300], labels[:300], e),
+            lambda: batches(x[300:], y[300:], 0),
+            dim=16,
+            classes=4,
+            epochs=4,
+            milestones=(3,),
+            batch_size=32,
+        )
+
+    assert run(y)["top1"] > 95
+    assert run(rng.permutation(y))["top1"] < 60

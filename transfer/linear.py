@@ -23,6 +23,7 @@ step AP.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -232,11 +233,11 @@ def voc07_svm(
     Returns mAP (percent), per-class test AP (percent) and the chosen cost per class.
     """
     dev = torch.device(device)
-    xtr = torch.nn.functional.normalize(
-        torch.as_tensor(np.asarray(train_x), dtype=torch.float32).to(dev), dim=1
-    )
-    xte = torch.nn.functional.normalize(
-        torch.as_tensor(np.asarray(test_x), dtype=torch.float32).to(dev), dim=1
+    xtr, xte = (
+        torch.nn.functional.normalize(
+            torch.from_numpy(np.array(x, dtype=np.float32)).to(dev), dim=1
+        )
+        for x in (train_x, test_x)
     )
     ytr_raw = torch.as_tensor(np.asarray(train_y)).to(dev)
     yte = torch.as_tensor(np.asarray(test_y)).to(dev).float()
@@ -267,3 +268,93 @@ def voc07_svm(
         "ap": [float(a) for a in ap],
         "cost": [costs[int(b)] for b in best],
     }
+
+
+# (epochs, LR milestones) of the published linear benchmarks (VISSL / Goyal et al. 2019).
+SCHEDULES = {
+    "imagenet": (28, (8, 16, 24)),
+    "places205": (14, (4, 8, 12)),
+    "inat18": (84, (24, 48, 72)),
+}
+
+
+def scaled_schedule(benchmark: str, epochs: int | None = None) -> tuple[int, tuple[int, ...]]:
+    """The published schedule, or the same shape squeezed into fewer epochs (milestones scaled)."""
+    full, milestones = SCHEDULES[benchmark]
+    if epochs is None or epochs == full:
+        return full, milestones
+    scaled = sorted({max(1, min(epochs - 1, round(m * epochs / full))) for m in milestones})
+    return epochs, tuple(m for m in scaled if 0 < m < epochs)
+
+
+class LinearProbe(torch.nn.Module):
+    """BatchNorm (no affine) then Linear: VISSL's eval_mlp head on frozen features."""
+
+    def __init__(self, dim: int, classes: int) -> None:
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(dim, affine=False)
+        self.fc = torch.nn.Linear(dim, classes)
+        torch.nn.init.normal_(self.fc.weight, std=0.01)
+        torch.nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(x))
+
+
+def topk_correct(
+    logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> list[int]:
+    """How many rows have the label among their k best logits, for each k (capped at classes)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top == labels[:, None]
+    return [int(hit[:, : min(k, logits.shape[1])].any(1).sum()) for k in ks]
+
+
+def train_probe(
+    train_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    test_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    dim: int,
+    classes: int,
+    epochs: int,
+    milestones: tuple[int, ...],
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    log: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train BN + Linear with the published recipe (SGD Nesterov 0.9, wd 5e-4, LR 0.01 per 256,
+    10x decay at the milestones) on (features, label) batches; return test top-1/top-5 (%).
+
+    train_batches(epoch) yields that epoch's batches (features of augmented images, or shuffled
+    cached features); test_batches() yields the test set once.
+    """
+    probe = LinearProbe(dim, classes).to(device)
+    opt = torch.optim.SGD(
+        probe.parameters(),
+        lr=0.01 * batch_size / 256,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+    )
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), gamma=0.1)
+    for epoch in range(epochs):
+        probe.train()
+        total, seen = 0.0, 0
+        for feats, labels in train_batches(epoch):
+            feats, labels = feats.to(device).float(), labels.to(device)
+            loss = torch.nn.functional.cross_entropy(probe(feats), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(labels)
+            seen += len(labels)
+        sched.step()
+        if log is not None:
+            log({"epoch": epoch + 1, "loss": total / max(seen, 1), "lr": opt.param_groups[0]["lr"]})
+    probe.eval()
+    hits, n = [0, 0], 0
+    with torch.no_grad():
+        for feats, labels in test_batches():
+            c = topk_correct(probe(feats.to(device).float()), labels.to(device))
+            hits = [a + b for a, b in zip(hits, c, strict=True)]
+            n += len(labels)
+    return {"top1": 100 * hits[0] / max(n, 1), "top5": 100 * hits[1] / max(n, 1)}
