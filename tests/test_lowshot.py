@@ -248,6 +248,17 @@ def test_checkpoint_loads_as_encoder_and_reproduces_top1(photos, trained):
     assert 100 * topk_accuracy(logits, labels, (1,))[1] == pytest.approx(results["top1"])
 
 
+def test_trained_encoder_beats_random_init_at_low_shot(photos, trained, tmp_path):
+    out, _ = trained
+    kw = dict(percent=10, epochs=10, batch_size=8, lr=0.01, head_lr=0.5, min_crop=0.5)
+    ckpt = str(out / "checkpoint.pth")
+    pre = finetune(_cfg(photos, tmp_path / "pre", weights=ckpt, name="trained", **kw))
+    rnd = finetune(_cfg(photos, tmp_path / "rnd", **kw))
+    assert pre["train_images"] == rnd["train_images"] == 5 * len(PHOTOS)  # 10% of 45, rounded
+    assert pre["top1"] >= 70
+    assert pre["top1"] >= rnd["top1"] + 20
+
+
 def test_resume_continues_exactly(photos, tmp_path):
     kw = dict(percent=10, batch_size=8, lr=0.05, head_lr=0.2)
     straight = finetune(_cfg(photos, tmp_path / "a", epochs=2, **kw))
