@@ -1,0 +1,273 @@
+"""Batched PIRL augmentation: workers only crop; jigsaw and photometric ops run on whole batches.
+
+The published pipeline (DESIGN.md sec. 2) applied per view with PIL costs ~11 ms per sample
+per core. Here a worker decodes and takes the two random crops (224-px view, 255-px patch
+source) as uint8 tensors; everything else runs on the batch, on the training device:
+the jigsaw cut with per-patch offsets and a per-sample permutation, then for the image and for
+each patch its own ColorJitter(0.4, 0.4, 0.4, 0.2) (the four ops in a random order per view,
+as torchvision draws it), RandomGrayscale(0.2), horizontal flip and ImageNet normalisation.
+Each op computes what torchvision.transforms.functional computes on a float tensor, with a
+per-view factor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+from pirl.jigsaw import IMAGENET_MEAN, IMAGENET_STD, JigsawGeometry
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2)
+
+
+@dataclass(frozen=True)
+class PhotometricSpec:
+    """The published per-view augmentation: ColorJitter(b, c, s, h), grayscale p, flip p."""
+
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.2
+    grayscale: float = 0.2
+    flip: float = 0.5
+
+
+@dataclass
+class PhotometricParams:
+    """Per-view random parameters; order[i] is the ColorJitter op sequence (0 b, 1 c, 2 s, 3 h)."""
+
+    order: torch.Tensor
+    brightness: torch.Tensor
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+    hue: torch.Tensor
+    gray: torch.Tensor
+    flip: torch.Tensor
+
+    def to(self, device: torch.device | str) -> PhotometricParams:
+        return PhotometricParams(
+            *(getattr(self, k).to(device, non_blocking=True) for k in self.__dataclass_fields__)
+        )
+
+
+def draw_params(
+    n: int, spec: PhotometricSpec = PhotometricSpec(), generator: torch.Generator | None = None
+) -> PhotometricParams:
+    """Independent parameters for n views with torchvision's distributions (CPU, so seeded
+    runs draw the same numbers whatever the training device)."""
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return torch.empty(n).uniform_(lo, hi, generator=generator)
+
+    def factor(x: float) -> torch.Tensor:
+        return uniform(max(0.0, 1 - x), 1 + x)
+
+    return PhotometricParams(
+        order=torch.argsort(torch.rand(n, 4, generator=generator), dim=1),
+        brightness=factor(spec.brightness),
+        contrast=factor(spec.contrast),
+        saturation=factor(spec.saturation),
+        hue=uniform(-spec.hue, spec.hue),
+        gray=torch.rand(n, generator=generator) < spec.grayscale,
+        flip=torch.rand(n, generator=generator) < spec.flip,
+    )
+
+
+def _col(f: torch.Tensor) -> torch.Tensor:
+    return f.view(-1, 1, 1, 1)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """(n, 3, H, W) -> (n, 1, H, W) luma with torchvision's weights (ITU-R 601-2)."""
+    r, g, b = x.unbind(1)
+    luma = torch.mul(r, GRAY_WEIGHTS[0]).add_(g, alpha=GRAY_WEIGHTS[1])
+    return luma.add_(b, alpha=GRAY_WEIGHTS[2]).unsqueeze(1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """TF.adjust_brightness per view (in place on x): blend with black."""
+    return x.mul_(_col(factor)).clamp_(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """TF.adjust_contrast per view (in place on x): blend with the mean luma of the view."""
+    mean = x.mean(dim=(2, 3)) @ torch.tensor(GRAY_WEIGHTS, device=x.device)  # luma is linear
+    return x.mul_(_col(factor)).add_(_col((1 - factor) * mean)).clamp_(0, 1)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """TF.adjust_saturation per view (in place on x): blend with the view's luma."""
+    gray = grayscale(x).mul_(_col(1 - factor))
+    return x.mul_(_col(factor)).add_(gray).clamp_(0, 1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """TF.adjust_hue per view (in place on x): rotate HSV hue by shift (in turns), keep S, V.
+
+    Hue in turns as torchvision's RGB->HSV computes it (red wins ties, then green), back with
+    the closed form c = V - V S clamp(2 - 6 d, 0, 1), d = distance of h + (n - 2) / 6 to the
+    nearest integer, n = 5, 3, 1 for R, G, B: torchvision's six-sector table, with
+    V S = max - min. Branch-free float arithmetic (bool masks are slow on CPU).
+    """
+    r, g, b = x.unbind(1)
+    maxc = torch.maximum(r, g)
+    torch.maximum(maxc, b, out=maxc)
+    chroma = torch.minimum(r, g)
+    torch.minimum(chroma, b, out=chroma)
+    chroma.neg_().add_(maxc)
+    r_max = torch.ge(r, maxc, out=torch.empty_like(maxc))
+    g_max = torch.ge(g, maxc, out=torch.empty_like(maxc))
+    # 6 h C = g - b if red is the max, else b - r + 2 C if green is, else r - g + 4 C.
+    num = torch.lerp(
+        torch.sub(r, g).add_(chroma, alpha=4), torch.sub(b, r).add_(chroma, alpha=2), g_max
+    )
+    torch.lerp(num, torch.sub(g, b), r_max, out=num)
+    h = num.div_(chroma.clamp(min=1e-30).mul_(6)).add_((shift - 1 / 3).view(-1, 1, 1))
+    for c, n in enumerate((5.0, 3.0, 1.0)):  # r, g, b are no longer needed: write in place
+        d = h + n / 6
+        d.sub_(torch.round(d)).abs_()
+        torch.addcmul(maxc, torch.rsub(d, 2, alpha=6).clamp_(0, 1), chroma, value=-1, out=x[:, c])
+    return x
+
+
+JITTER_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
+    adjust_brightness,
+    adjust_contrast,
+    adjust_saturation,
+    adjust_hue,
+)
+
+
+def _group_plan(p: PhotometricParams) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """Sort views so that those with the same op sequence, grayscale and flip are contiguous;
+    returns the sort and (start, stop, key) per group (one host sync)."""
+    digits = torch.tensor([64, 16, 4, 1], device=p.order.device)
+    key = ((p.order * digits).sum(1) * 2 + p.gray.long()) * 2 + p.flip.long()
+    key, sort = torch.sort(key, stable=True)
+    keys, counts = torch.unique_consecutive(key, return_counts=True)
+    plan, start = [], 0
+    for k, n in zip(keys.tolist(), counts.tolist(), strict=True):
+        plan.append((start, start + n, k))
+        start += n
+    return sort, plan
+
+
+def photometric(
+    x: torch.Tensor,
+    p: PhotometricParams,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> torch.Tensor:
+    """uint8 (n, 3, H, W) views -> ColorJitter (ops in each view's order), grayscale, flip,
+    normalisation, as published. Views sharing an op sequence run together on a contiguous
+    slice, so no op runs on a view that does not use it and nothing is gathered per op."""
+    sort, plan = _group_plan(p)
+    factors = [f.index_select(0, sort) for f in (p.brightness, p.contrast, p.saturation, p.hue)]
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    out = torch.empty(x.shape, device=x.device)
+    for start, stop, key in plan:  # one group at a time, so its work stays in cache
+        sel = sort[start:stop]
+        view = x.index_select(0, sel).float().div_(255)
+        for pos in range(4):
+            op = (key >> (8 - 2 * pos)) & 3  # base-4 digit pos of the op sequence
+            JITTER_OPS[op](view, factors[op][start:stop])
+        if key & 2:
+            view.copy_(grayscale(view).expand_as(view))
+        if key & 1:
+            view = view.flip(-1)
+        out.index_copy_(0, sel, view.sub_(m).div_(s))
+    return out
+
+
+def jigsaw_draw(
+    batch: int, geometry: JigsawGeometry, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 9, 2) offsets (y, x) uniform in 0..cell-patch and (B, 9) permutations, as published."""
+    hi = geometry.cell - geometry.patch_size + 1
+    offsets = torch.randint(0, hi, (batch, geometry.num_patches, 2), generator=generator)
+    perm = torch.argsort(torch.rand(batch, geometry.num_patches, generator=generator), dim=1)
+    return offsets, perm
+
+
+def cut_jigsaw(
+    sources: torch.Tensor, geometry: JigsawGeometry, offsets: torch.Tensor, perm: torch.Tensor
+) -> torch.Tensor:
+    """(B, C, S, S) sources -> (B, 9, C, P, P) patches; slot k holds the patch of cell
+    perm[b, k], at offsets[b, cell] inside that cell (same layout as jigsaw.cut_patches)."""
+    p = geometry.patch_size
+    off = offsets.gather(1, perm.unsqueeze(2).expand(-1, -1, 2))
+    y0 = (perm // geometry.grid) * geometry.cell + off[..., 0]
+    x0 = (perm % geometry.grid) * geometry.cell + off[..., 1]
+    cut = _cut_by_slices if sources.device.type == "cpu" else _cut_by_gather
+    return cut(sources, p, y0, x0)
+
+
+def _cut_by_slices(sources: torch.Tensor, p: int, y0: torch.Tensor, x0: torch.Tensor):
+    """Plain slices: cheapest on CPU."""
+    ys, xs = y0.tolist(), x0.tolist()
+    cut = [
+        sources[b, :, y : y + p, x : x + p]
+        for b in range(len(ys))
+        for y, x in zip(ys[b], xs[b], strict=True)
+    ]
+    return torch.stack(cut).unflatten(0, y0.shape)
+
+
+def _cut_by_gather(sources: torch.Tensor, p: int, y0: torch.Tensor, x0: torch.Tensor):
+    """One indexed gather from the (y, x) window view: one kernel on a GPU."""
+    windows = sources.unfold(2, p, 1).unfold(3, p, 1).permute(0, 2, 3, 1, 4, 5)
+    b = torch.arange(len(y0), device=sources.device).view(-1, 1)
+    return windows[b, y0.to(sources.device), x0.to(sources.device)]
+
+
+class CropTransform:
+    """Worker side of the batched path: the two independent random crops as uint8 tensors.
+
+    Returns (image (3, H, H), source (3, S, S)); without patches (NPID++) the source is empty.
+    """
+
+    def __init__(self, geometry: JigsawGeometry, with_patches: bool = True) -> None:
+        self.with_patches = with_patches
+        self.image_crop = T.RandomResizedCrop(geometry.image_size, scale=(0.08, 1.0))
+        self.source_crop = T.RandomResizedCrop(geometry.source_size, scale=(0.6, 1.0))
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        image = TF.pil_to_tensor(self.image_crop(img))
+        if not self.with_patches:
+            return image, torch.empty(0, dtype=torch.uint8)
+        return image, TF.pil_to_tensor(self.source_crop(img))
+
+
+class BatchAugment:
+    """Main-process side: uint8 crops -> normalised image views and shuffled augmented patches.
+
+    Random parameters come from a CPU generator (seed it per epoch for exact resume) and are
+    independent for every image and every patch.
+    """
+
+    def __init__(self, geometry: JigsawGeometry, spec: PhotometricSpec = PhotometricSpec()):
+        self.geometry, self.spec = geometry, spec
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        sources: torch.Tensor | None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """images (B, 3, H, H) uint8, sources (B, 3, S, S) uint8 or None -> (images float,
+        patches (B, 9, 3, P, P) float or None, perm (B, 9) or None)."""
+        batch, dev = images.shape[0], images.device
+        out = photometric(images, draw_params(batch, self.spec, generator).to(dev))
+        if sources is None:
+            return out, None, None
+        offsets, perm = jigsaw_draw(batch, self.geometry, generator)
+        patches = cut_jigsaw(sources, self.geometry, offsets, perm).flatten(0, 1)
+        params = draw_params(len(patches), self.spec, generator).to(dev)
+        patches = photometric(patches, params).unflatten(0, (batch, self.geometry.num_patches))
+        return out, patches, perm

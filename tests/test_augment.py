@@ -1,0 +1,202 @@
+"""Batched augmentation against torchvision's per-image functions and the PIL path."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+from skimage import data as skdata
+from torchvision.transforms import functional as TF
+
+from pirl import augment as A
+from pirl.jigsaw import IMAGENET_MEAN, IMAGENET_STD, JigsawGeometry, cut_patches, photometric
+
+
+def photo_views(n: int, size: int, seed: int) -> torch.Tensor:
+    """n uint8 crops of real photos, plus a gray view and a saturated one (hue edge cases)."""
+    rng = np.random.default_rng(seed)
+    photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee()]
+    views = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        y, x = rng.integers(0, img.shape[0] - size), rng.integers(0, img.shape[1] - size)
+        views.append(torch.from_numpy(img[y : y + size, x : x + size]).permute(2, 0, 1))
+    out = torch.stack(views)
+    out[0] = out[0, :1]  # gray: max == min everywhere
+    out[1, :, :, : size // 2] = torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1)
+    return out
+
+
+def reference(view: torch.Tensor, p: A.PhotometricParams, i: int) -> torch.Tensor:
+    """One view through torchvision's functional ops in the drawn order (the published recipe)."""
+    x = view.float() / 255
+    ops = (
+        lambda t: TF.adjust_brightness(t, float(p.brightness[i])),
+        lambda t: TF.adjust_contrast(t, float(p.contrast[i])),
+        lambda t: TF.adjust_saturation(t, float(p.saturation[i])),
+        lambda t: TF.adjust_hue(t, float(p.hue[i])),
+    )
+    for k in p.order[i].tolist():
+        x = ops[k](x)
+    if p.gray[i]:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if p.flip[i]:
+        x = TF.hflip(x)
+    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+
+@pytest.mark.parametrize("name", ["brightness", "contrast", "saturation", "hue"])
+def test_each_op_equals_torchvision_per_view(name: str) -> None:
+    x = photo_views(12, 24, seed=0).float() / 255
+    g = torch.Generator().manual_seed(1)
+    if name == "hue":
+        factor = torch.empty(12).uniform_(-0.5, 0.5, generator=g)
+        factor[:3] = torch.tensor([0.5, -0.5, 0.0])
+    else:
+        factor = torch.empty(12).uniform_(0.0, 2.0, generator=g)
+    ours = getattr(A, f"adjust_{name}")(x.clone(), factor)
+    tv = getattr(TF, f"adjust_{name}")
+    want = torch.stack([tv(x[i], float(factor[i])) for i in range(12)])
+    torch.testing.assert_close(ours, want, rtol=0, atol=2e-6)
+
+
+def test_grayscale_equals_torchvision() -> None:
+    x = photo_views(4, 16, seed=2).float() / 255
+    want = torch.stack([TF.rgb_to_grayscale(v) for v in x])
+    torch.testing.assert_close(A.grayscale(x), want, rtol=0, atol=1e-6)
+
+
+def test_photometric_with_drawn_params_equals_torchvision_composition() -> None:
+    """Every view with its own order, factors, grayscale and flip, as the published recipe."""
+    views = photo_views(60, 20, seed=3)
+    p = A.draw_params(60, generator=torch.Generator().manual_seed(4))
+    assert p.gray.any() and not p.gray.all() and p.flip.any() and not p.flip.all()
+    want = torch.stack([reference(views[i], p, i) for i in range(60)])
+    torch.testing.assert_close(A.photometric(views, p), want, rtol=0, atol=2e-5)
+
+
+def test_fixed_params_agree_with_the_pil_path_pixelwise() -> None:
+    """Same draws applied by the PIL path's own ops on uint8 images (which round to 8 bits
+    after every op, truncating, and quantise hue to 1/256 turn) differ only by that rounding."""
+    views = photo_views(40, 24, seed=5)
+    p = A.draw_params(40, generator=torch.Generator().manual_seed(6))
+    ours = A.photometric(views, p)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    diffs = []
+    for i in range(40):
+        img = TF.to_pil_image(views[i])
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        factors = (p.brightness[i], p.contrast[i], p.saturation[i], p.hue[i])
+        for k in p.order[i].tolist():
+            img = ops[k](img, float(factors[k]))
+        if p.gray[i]:
+            img = TF.rgb_to_grayscale(img, num_output_channels=3)
+        if p.flip[i]:
+            img = TF.hflip(img)
+        pil = TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+        diffs.append(((ours[i] - pil) * std[0] * 255).abs())
+    diff = torch.stack(diffs)
+    # In 8-bit levels: PIL truncates after each of the four ops (about -0.4 level each); its
+    # hue quantisation (up to ~6 levels on saturated colours) is then amplified by contrast
+    # and saturation factors up to 1.4. A wrong factor or op order costs tens of levels.
+    assert diff.mean() < 2.5, diff.mean()
+    assert torch.quantile(diff.flatten(), 0.99) <= 10.0, torch.quantile(diff.flatten(), 0.99)
+
+
+def test_params_follow_torchvision_distributions() -> None:
+    n = 24_000
+    p = A.draw_params(n, generator=torch.Generator().manual_seed(7))
+    for f, lo, hi in (
+        (p.brightness, 0.6, 1.4),
+        (p.contrast, 0.6, 1.4),
+        (p.saturation, 0.6, 1.4),
+        (p.hue, -0.2, 0.2),
+    ):
+        assert lo <= f.min() and f.max() <= hi
+        assert stats.kstest(f.numpy(), stats.uniform(lo, hi - lo).cdf).pvalue > 1e-3
+    # The op order: each of the 4! sequences equally likely (torchvision's randperm(4)).
+    codes = (p.order * torch.tensor([64, 16, 4, 1])).sum(1)
+    counts = torch.bincount(codes, minlength=256)
+    perms = [
+        sum(d * 4 ** (3 - j) for j, d in enumerate(q)) for q in itertools.permutations(range(4))
+    ]
+    assert counts.sum() == counts[perms].sum()
+    assert stats.chisquare(counts[perms].numpy()).pvalue > 1e-3
+    for flags, prob in ((p.gray, 0.2), (p.flip, 0.5)):
+        sd = math.sqrt(prob * (1 - prob) / n)
+        assert abs(flags.float().mean().item() - prob) < 4 * sd
+
+
+def test_output_distribution_matches_the_pil_path() -> None:
+    """A flat colour through both paths many times: every op changes it (contrast and
+    saturation move it toward its luma), so the output colour's law tests the whole recipe."""
+    n, colour = 1500, (180, 90, 40)
+    flat = Image.fromarray(np.tile(np.array(colour, np.uint8), (4, 4, 1)))
+    torch.manual_seed(8)
+    pil_tf = photometric()
+    pil = torch.stack([pil_tf(flat)[:, 0, 0] for _ in range(n)])
+    views = torch.tensor(colour, dtype=torch.uint8).view(1, 3, 1, 1).expand(n, 3, 4, 4)
+    ours = A.photometric(views, A.draw_params(n, generator=torch.Generator().manual_seed(9)))
+    for c in range(3):
+        assert stats.ks_2samp(pil[:, c].numpy(), ours[:, c, 0, 0].numpy()).pvalue > 1e-3
+
+
+def test_cut_jigsaw_both_kernels_equal_the_per_sample_cut() -> None:
+    geo = JigsawGeometry.for_image_size(64)
+    g = torch.Generator().manual_seed(10)
+    src = torch.randint(0, 256, (5, 3, geo.source_size, geo.source_size), dtype=torch.uint8)
+    offsets, perm = A.jigsaw_draw(5, geo, g)
+    assert offsets.min() >= 0 and offsets.max() == geo.cell - geo.patch_size
+    want = torch.stack([cut_patches(src[b], geo, offsets[b], perm[b]) for b in range(5)])
+    assert torch.equal(A.cut_jigsaw(src, geo, offsets, perm), want)
+    off = offsets.gather(1, perm.unsqueeze(2).expand(-1, -1, 2))
+    y0 = (perm // 3) * geo.cell + off[..., 0]
+    x0 = (perm % 3) * geo.cell + off[..., 1]
+    assert torch.equal(A._cut_by_gather(src, geo.patch_size, y0, x0), want)
+    assert all(sorted(q.tolist()) == list(range(9)) for q in perm)
+
+
+def test_batch_augment_patches_are_independent_and_seeded() -> None:
+    geo = JigsawGeometry.for_image_size(32)
+    crop = A.CropTransform(geo)
+    flat = Image.fromarray(np.tile(np.array([180, 90, 40], np.uint8), (48, 48, 1)))
+    torch.manual_seed(0)
+    pairs = [crop(flat) for _ in range(300)]
+    images = torch.stack([a for a, _ in pairs])
+    sources = torch.stack([b for _, b in pairs])
+    assert images.dtype == sources.dtype == torch.uint8
+    assert sources.shape[1:] == (3, geo.source_size, geo.source_size)
+    aug = A.BatchAugment(geo)
+    img, patches, perm = aug(images, sources, torch.Generator().manual_seed(11))
+    assert img.shape == (300, 3, 32, 32) and patches.shape[:2] == (300, 9)
+    again = aug(images, sources, torch.Generator().manual_seed(11))
+    assert torch.equal(img, again[0]) and torch.equal(patches, again[1])
+    colour = patches.mean(dim=(3, 4))  # (300, 9, 3): one flat colour per patch
+    assert all(len({tuple(c) for c in s.round(decimals=4).tolist()}) == 9 for s in colour[:20])
+    # Independent draws: across samples, patch 0's colour says nothing about patch 1's.
+    for a, b in ((0, 1), (4, 8)):
+        r = np.corrcoef(colour[:, a, 0].numpy(), colour[:, b, 0].numpy())[0, 1]
+        assert abs(r) < 4 / math.sqrt(300), r
+    assert abs(np.corrcoef(colour[:, 0, 0].numpy(), img.mean(dim=(2, 3))[:, 0].numpy())[0, 1]) < 0.2
+
+
+def test_identity_spec_leaves_patches_in_their_cells() -> None:
+    """With all jitter off, normalised patches invert to the source pixels of their cells."""
+    geo = JigsawGeometry.for_image_size(64)
+    yy, xx = np.mgrid[0 : geo.source_size, 0 : geo.source_size]
+    coded = torch.from_numpy(np.stack([xx, yy, np.zeros_like(xx)]).astype(np.uint8))
+    spec = A.PhotometricSpec(0, 0, 0, 0, 0, 0)
+    image = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    _, patches, perm = A.BatchAugment(geo, spec)(image, coded.expand(2, -1, -1, -1))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for b in range(2):
+        for k in range(9):
+            px = ((patches[b, k] * std + mean) * 255).round()
+            row, col = divmod(int(perm[b, k]), 3)
+            assert col * geo.cell <= px[0].min() and px[0].max() < (col + 1) * geo.cell
+            assert row * geo.cell <= px[1].min() and px[1].max() < (row + 1) * geo.cell
