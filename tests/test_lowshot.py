@@ -265,6 +265,8 @@ def test_resume_continues_exactly(photos, tmp_path):
     finetune(_cfg(photos, tmp_path / "b", epochs=1, **kw))
     with pytest.raises(UserError, match="a run exists here"):
         finetune(_cfg(photos, tmp_path / "b", epochs=2, **kw))
+    with pytest.raises(UserError, match=r"different settings \(seed 0 -> 1\)"):
+        finetune(_cfg(photos, tmp_path / "b", epochs=2, resume=True, seed=1, **kw))
     resumed = finetune(_cfg(photos, tmp_path / "b", epochs=2, resume=True, **kw))
     a = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)
     b = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)

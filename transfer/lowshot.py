@@ -359,8 +359,32 @@ def _state(
     }
 
 
-def _restore(model: FineTuneNet, optimizer: torch.optim.Optimizer, path: Path) -> int:
+# Fields that must match for --resume to continue the same run (epochs may be extended).
+RESUME_KEYS = (
+    "weights",
+    "data",
+    "percent",
+    "per_class",
+    "split_file",
+    "seed",
+    "batch_size",
+    "image_size",
+    "lr",
+    "head_lr",
+    "weight_decay",
+    "min_crop",
+)
+
+
+def _restore(
+    model: FineTuneNet, optimizer: torch.optim.Optimizer, path: Path, cfg: LowshotConfig
+) -> int:
     ckpt = read_checkpoint(path)
+    saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
+    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    if changed:
+        diffs = ", ".join(f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise UserError(f"{path}: --resume with different settings ({diffs}); use another --out")
     try:
         model.trunk.load_state_dict(ckpt["trunk"])
         model.fc.load_state_dict(ckpt["classifier"])
@@ -399,7 +423,7 @@ def finetune(cfg: LowshotConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = FineTuneNet(encoder.trunk, len(train.classes)).to(device)
     optimizer = _optimizer(model, cfg)
-    start = _restore(model, optimizer, ckpt_path) if cfg.resume and ckpt_path.exists() else 0
+    start = _restore(model, optimizer, ckpt_path, cfg) if cfg.resume and ckpt_path.exists() else 0
     if rank == 0:
         run.write_config(
             {
