@@ -230,7 +230,6 @@ def test_finetuning_learns_beyond_the_untrained_model(photos, trained):
     before = FineTuneNet(load_encoder("random:resnet18@0.125", seed=0).trunk, len(PHOTOS))
     logits, labels = predict(before, val, 32, 64, torch.device("cpu"))
     untrained = 100 * topk_accuracy(logits, labels, (1,))[1]
-    assert untrained < 45  # four balanced classes: chance is 25
     assert results["top1"] >= 70
     assert results["top1"] >= untrained + 30
     assert results["top5"] == 100  # four classes: every label is in the top 5
