@@ -165,3 +165,147 @@ def test_probe_learns_separable_classes_and_fails_on_shuffled_labels():
 
     assert run(y)["top1"] > 95
     assert run(rng.permutation(y))["top1"] < 60
+
+
+@pytest.fixture(scope="module")
+def bench_roots(tmp_path_factory):
+    from transfer.datasets import build_embedded
+
+    return build_embedded(tmp_path_factory.mktemp("emb"), n=60)
+
+
+def _cli(args):
+    from click.testing import CliRunner
+
+    from pirl.cli import main
+
+    return CliRunner().invoke(main, args)
+
+
+def test_cli_voc07_writes_run_folder_and_reuses_features(bench_roots, tmp_path):
+    import json
+
+    args = [
+        "transfer",
+        "linear",
+        "--weights",
+        "random:resnet18@0.125",
+        "--benchmark",
+        "voc07",
+        "--data",
+        str(bench_roots["voc07"]),
+        "--image-size",
+        "32",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    res = _cli(args)
+    assert res.exit_code == 0, res.output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["layer"] == "res5" and config["image_size"] == 32
+    assert results["feature_dim"] == 64 * 4 and len(results["ap"]) == 10
+    assert results["value"] == pytest.approx(np.mean(results["ap"]))
+    assert "| random:resnet18@0.125 |" in (tmp_path / "run" / "row.md").read_text()
+    cached = sorted((tmp_path / "cache" / "features").glob("*.npy"))
+    assert len(cached) == 2  # trainval and test
+    # the same probe again is served from the cache, with the same numbers
+    assert _cli(args).exit_code == 0
+    again = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert again["value"] == results["value"]
+    assert sorted((tmp_path / "cache" / "features").glob("*.npy")) == cached
+
+
+def test_cli_precomputed_features_match_the_library(tmp_path):
+    import json
+
+    x, y = _features(90, 24, 3, seed=5)
+    split = (np.arange(90) % 3 != 0).astype(np.int64)
+    for name, arr in [("x", x), ("y", y), ("s", split)]:
+        np.save(tmp_path / f"{name}.npy", arr)
+    res = _cli(
+        [
+            "transfer",
+            "linear",
+            "--features",
+            str(tmp_path / "x.npy"),
+            "--labels",
+            str(tmp_path / "y.npy"),
+            "--split",
+            str(tmp_path / "s.npy"),
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "run" / "results.json").read_text())["value"]
+    tr = split == 1
+    assert got == pytest.approx(voc07_svm(x[tr], y[tr], x[~tr], y[~tr])["mAP"])
+    np.save(tmp_path / "y.npy", y[:10])
+    bad = _cli(
+        [
+            "transfer",
+            "linear",
+            "--features",
+            str(tmp_path / "x.npy"),
+            "--labels",
+            str(tmp_path / "y.npy"),
+            "--split",
+            str(tmp_path / "s.npy"),
+        ]
+    )
+    assert bad.exit_code == 2 and "y.npy: expected an (90, classes) array" in bad.output
+
+
+def test_cli_linear_probe_on_imagefolder_and_user_errors(bench_roots, tmp_path):
+    import json
+
+    for extra in (["--no-augment"], ["--augment"]):
+        res = _cli(
+            [
+                "transfer",
+                "linear",
+                "--weights",
+                "random:resnet18@0.125",
+                "--benchmark",
+                "imagenet",
+                "--data",
+                str(bench_roots["imagenet"]),
+                "--image-size",
+                "32",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--num-workers",
+                "0",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "run"),
+                *extra,
+            ]
+        )
+        assert res.exit_code == 0, res.output
+        results = json.loads((tmp_path / "run" / "results.json").read_text())
+        assert 0 <= results["top1"] <= results["top5"] <= 100
+        assert results["epochs"] == 2 and results["milestones"] == [1]
+    res = _cli(
+        [
+            "transfer",
+            "linear",
+            "--weights",
+            "random",
+            "--benchmark",
+            "places205",
+            "--data",
+            str(tmp_path / "nothing"),
+        ]
+    )
+    assert res.exit_code == 2 and "train_places205.csv: file not found" in res.output

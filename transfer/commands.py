@@ -1,0 +1,362 @@
+"""`pirl-tools transfer ...`: the transfer benchmarks; `linear` runs the Table 2 probes.
+
+`run_linear` is the plain function behind `transfer linear` (and `make table2`): weights ->
+frozen trunk -> cached features -> VOC07 SVMs, or BN + Linear for ImageNet / Places205 /
+iNat18. Training the BN + Linear probe with augmentation (the published recipe) runs the
+trunk on RandomResizedCrop + flip views every epoch; `--no-augment` trains on cached
+centre-crop features instead, much faster but without augmentation (a documented deviation).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+from torchvision import transforms as T
+
+from pirl.data import ImageDataset, ImageList
+from pirl.errors import UserError
+from pirl.features import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FeatureExtractor,
+    cache_key,
+    center_crop_transform,
+    dataset_fingerprint,
+    resize_transform,
+    weights_fingerprint,
+)
+from pirl.options import out_option, runtime_options
+from pirl.runs import RunDir, resolve_device, seed_everything
+from transfer.datasets import BENCHMARKS, SPLITS, Split, load_split
+from transfer.linear import scaled_schedule, train_probe, voc07_svm
+from transfer.lowshot_cli import lowshot
+
+LAYER_CHOICES = ("conv1", "res2", "res3", "res4", "res5", "res5avg")
+METRIC = {"voc07": "mAP", "imagenet": "top1", "places205": "top1", "inat18": "top1"}
+
+
+def _image_list(split: Split) -> ImageList:
+    labels = split.labels.tolist() if split.labels.ndim == 1 else [-1] * len(split)
+    return ImageList(Path("."), split.paths, labels, split.classes)
+
+
+def _cached(
+    ext: FeatureExtractor,
+    split: Split,
+    transform: Any,
+    weights: str,
+    seed: int,
+    batch_size: int,
+    num_workers: int,
+    dtype: str,
+) -> np.ndarray:
+    key = cache_key(
+        weights_fingerprint(weights),
+        ext.layer,
+        dataset_fingerprint(split.paths),
+        transform,
+        seed=seed,
+        dtype=dtype,
+    )
+    return ext.extract(
+        ImageDataset(_image_list(split), transform),
+        key=key,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        dtype=dtype,
+    )
+
+
+def _batches(feats: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int):
+    order = (
+        np.random.default_rng(seed).permutation(len(feats)) if shuffle else np.arange(len(feats))
+    )
+    for i in range(0, len(order), batch_size):
+        idx = np.sort(order[i : i + batch_size])
+        yield (
+            torch.from_numpy(np.asarray(feats[idx], dtype=np.float32)),
+            torch.from_numpy(labels[idx]),
+        )
+
+
+def run_linear(
+    weights: str,
+    benchmark: str,
+    data: str | Path,
+    layer: str = "res5",
+    out: str | Path | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    epochs: int | None = None,
+    image_size: int = 224,
+    augment: bool = True,
+    feature_dtype: str = "float16",
+) -> dict:
+    """Run one Table 2 benchmark for one encoder; write config/results/row when `out` is set."""
+    from pirl.weights import load_encoder
+
+    if benchmark not in BENCHMARKS:
+        raise UserError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARKS)}")
+    config = dict(
+        weights=weights,
+        benchmark=benchmark,
+        data=str(data),
+        layer=layer,
+        device=device,
+        seed=seed,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        epochs=epochs,
+        image_size=image_size,
+        augment=augment,
+        feature_dtype=feature_dtype,
+    )
+    seed_everything(seed)
+    dev = resolve_device(device)
+    train_split, test_split = (load_split(benchmark, data, s) for s in SPLITS[benchmark])
+    encoder = load_encoder(weights, seed=seed)
+    ext = FeatureExtractor(encoder.trunk, layer, device=dev)
+    run = RunDir(out) if out is not None else None
+    if run is not None:
+        run.write_config(
+            {
+                **config,
+                "schedule": scaled_schedule(benchmark, epochs) if benchmark != "voc07" else None,
+                "arch": encoder.arch,
+                "width": encoder.width,
+                "format": encoder.format,
+            }
+        )
+    start = time.perf_counter()
+    args = (weights, seed, batch_size, num_workers, feature_dtype)
+    if benchmark == "voc07":
+        tf = resize_transform(image_size)
+        xtr, xte = (_cached(ext, s, tf, *args) for s in (train_split, test_split))
+        res = voc07_svm(xtr, train_split.labels, xte, test_split.labels, device=dev)
+        res["classes"] = train_split.classes
+    else:
+        res = _linear_benchmark(
+            ext, benchmark, train_split, test_split, run, dev, epochs, image_size, augment, args
+        )
+    params = sum(p.numel() for p in encoder.trunk.parameters())
+    results = {
+        "benchmark": benchmark,
+        "weights": weights,
+        "layer": layer,
+        "metric": METRIC[benchmark],
+        "value": res[METRIC[benchmark]],
+        "seconds": time.perf_counter() - start,
+        "feature_dim": ext.dim,
+        "parameters": params,
+        **res,
+    }
+    if run is not None:
+        run.write_results(results)
+        run.path("row.md").write_text(markdown_row(results))
+    return results
+
+
+def markdown_row(results: dict) -> str:
+    """The paper-layout Markdown row (Method, Parameters, benchmark) of one run."""
+    weights = results["weights"]
+    method = Path(weights).stem if Path(weights).is_file() else weights
+    head = f"| Method | Parameters | {results['benchmark']} ({results['layer']}) |"
+    row = f"| {method} | {results['parameters'] / 1e6:.1f}M | {results['value']:.1f} |"
+    return f"{head}\n|---|---|---|\n{row}\n"
+
+
+def _linear_benchmark(
+    ext, benchmark, train_split, test_split, run, dev, epochs, image_size, augment, args
+) -> dict:
+    weights, seed, batch_size, num_workers, dtype = args
+    n_epochs, milestones = scaled_schedule(benchmark, epochs)
+    test_tf = center_crop_transform(image_size)
+    xte = _cached(ext, test_split, test_tf, *args)
+    yte = test_split.labels
+    if augment:
+        train_tf = T.Compose(
+            [
+                T.RandomResizedCrop(image_size),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+        dataset = ImageDataset(_image_list(train_split), train_tf)
+
+        def train_batches(epoch: int):
+            g = torch.Generator().manual_seed(seed * 1000 + epoch)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, generator=g
+            )
+            for x, y, _ in loader:
+                yield ext(x), y
+    else:
+        xtr = _cached(ext, train_split, test_tf, *args)
+
+        def train_batches(epoch: int):
+            return _batches(xtr, train_split.labels, batch_size, True, seed * 1000 + epoch)
+
+    log = run.append_metrics if run is not None else None
+    res = train_probe(
+        train_batches,
+        lambda: _batches(xte, yte, batch_size, False, 0),
+        ext.dim,
+        len(train_split.classes),
+        n_epochs,
+        milestones,
+        batch_size,
+        dev,
+        log,
+    )
+    return {**res, "epochs": n_epochs, "milestones": list(milestones), "augment": augment}
+
+
+@click.group()
+def transfer() -> None:
+    """Transfer benchmarks of frozen or fine-tuned encoders (the paper's Tables 1-3)."""
+
+
+transfer.add_command(lowshot)
+
+
+@transfer.command("linear")
+@click.option(
+    "--weights",
+    default=None,
+    help="Encoder: checkpoint path (any format pirl.weights reads) or random[:ARCH[@W]].",
+)
+@click.option("--benchmark", type=click.Choice(BENCHMARKS), default="voc07", show_default=True)
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Benchmark folder in its real layout (see transfer/datasets.py).",
+)
+@click.option("--layer", type=click.Choice(LAYER_CHOICES), default="res5", show_default=True)
+@click.option(
+    "--epochs",
+    type=int,
+    default=None,
+    help="Fewer epochs than published; milestones scaled in proportion.",
+)
+@click.option(
+    "--image-size",
+    type=int,
+    default=224,
+    show_default=True,
+    help="Input side; smaller for small images (test Resize is 256/224 of it).",
+)
+@click.option(
+    "--augment/--no-augment",
+    default=True,
+    show_default=True,
+    help="Train the linear probe on augmented views, or on cached centre crops.",
+)
+@click.option(
+    "--features",
+    "features_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="VOC07 on precomputed features: X.npy (n, d) float.",
+)
+@click.option(
+    "--labels",
+    "labels_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="With --features: Y.npy (n, classes) in {1 present, 0 difficult, -1 absent}.",
+)
+@click.option(
+    "--split",
+    "split_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="With --features: S.npy (n,), 1 = trainval (SVM training), 0 = test.",
+)
+@out_option("runs/linear")
+@runtime_options(batch_size=256)
+def linear(
+    weights,
+    benchmark,
+    data,
+    layer,
+    epochs,
+    image_size,
+    augment,
+    features_path,
+    labels_path,
+    split_path,
+    out,
+    device,
+    seed,
+    batch_size,
+    num_workers,
+) -> None:
+    """Linear probes of Table 2: VOC07 SVMs or BN + Linear on ImageNet/Places205/iNat18."""
+    if features_path is not None:
+        res = run_precomputed(features_path, labels_path, split_path, out, device)
+    else:
+        if data is None or weights is None:
+            raise UserError("--weights and --data are required (or --features/--labels/--split)")
+        res = run_linear(
+            weights,
+            benchmark,
+            data,
+            layer,
+            out,
+            device,
+            seed,
+            batch_size,
+            num_workers,
+            epochs,
+            image_size,
+            augment,
+        )
+    click.echo(f"{res['benchmark']} {res['metric']}: {res['value']:.2f}  ({out}/results.json)")
+
+
+def _load_npy(path: str | None, flag: str) -> np.ndarray:
+    if path is None:
+        raise UserError(f"{flag} is required with --features")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a .npy array ({exc})") from None
+
+
+def run_precomputed(
+    features: str, labels: str | None, split: str | None, out: str | Path, device: str = "auto"
+) -> dict:
+    """VOC07 SVM protocol on features someone else extracted."""
+    x = _load_npy(features, "--features")
+    y = _load_npy(labels, "--labels")
+    s = _load_npy(split, "--split")
+    if x.ndim != 2:
+        raise UserError(f"{features}: expected a 2-d (n, d) array, got shape {x.shape}")
+    if y.ndim != 2 or len(y) != len(x) or not np.isin(y, (-1, 0, 1)).all():
+        raise UserError(f"{labels}: expected an ({len(x)}, classes) array of 1/0/-1")
+    if s.shape != (len(x),) or not np.isin(s, (0, 1)).all():
+        raise UserError(f"{split}: expected ({len(x)},) of 1 (trainval) / 0 (test)")
+    tr = np.asarray(s) == 1
+    start = time.perf_counter()
+    res = voc07_svm(x[tr], y[tr], x[~tr], y[~tr], device=resolve_device(device))
+    results = {
+        "benchmark": "voc07",
+        "features": str(features),
+        "metric": "mAP",
+        "value": res["mAP"],
+        "seconds": time.perf_counter() - start,
+        **res,
+    }
+    run = RunDir(out)
+    run.write_config({"features": features, "labels": labels, "split": split, "device": device})
+    run.write_results(results)
+    return results
