@@ -13,6 +13,16 @@ import faiss
 import numpy as np
 import torch
 
+from pirl.data import ImageDataset, ImageList
+from pirl.features import (
+    FeatureExtractor,
+    cache_key,
+    center_crop_transform,
+    dataset_fingerprint,
+    weights_fingerprint,
+)
+from pirl.weights import Encoder
+
 TEMPERATURE = 0.07
 KS = (20, 200)
 
@@ -116,3 +126,39 @@ def self_match_rate(
     """How often the nearest original of transformed row i is original i itself."""
     _, idx = KnnIndex(originals, use_gpu).search(transformed, 1)
     return float((idx[:, 0] == np.arange(len(idx))).mean())
+
+
+def encoder_knn(
+    encoder: Encoder,
+    spec: str,
+    train: ImageList,
+    test: ImageList | None,
+    layers: Sequence[str],
+    image_size: int = 224,
+    ks: Sequence[int] = KS,
+    device: str = "auto",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, dict[int, float]]:
+    """kNN accuracy per layer on the shared extractor's benchmark-pooled, cached features
+    (test input: Resize + CenterCrop); `test=None` is leave-one-out on `train`."""
+    transform = center_crop_transform(image_size)
+    out = {}
+    for layer in layers:
+        ext = FeatureExtractor(encoder.trunk, layer, device=device)
+        feats = []
+        for split in (train, test) if test is not None else (train,):
+            key = cache_key(
+                weights_fingerprint(spec), layer, dataset_fingerprint(split.paths), transform,
+                dtype="float16",
+            )
+            feats.append(
+                ext.extract(
+                    ImageDataset(split, transform), key=key, batch_size=batch_size,
+                    num_workers=num_workers, progress=progress,
+                )
+            )
+        test_feats, test_labels = (feats[1], test.labels) if test is not None else (None, None)
+        out[layer] = knn_accuracy(feats[0], train.labels, test_feats, test_labels, ks)
+    return out

@@ -18,6 +18,7 @@ LAZY_COMMANDS = {
     "weights": "pirl.weights_cli:weights",
     "transfer": "transfer.commands:transfer",
     "eval": "transfer.detection_cli:eval_group",
+    "analyze": "analysis.commands:analyze",
 }
 
 

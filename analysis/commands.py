@@ -1,0 +1,173 @@
+"""`pirl-tools analyze ...`: representation analyses of any encoders, as plots and tables."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pandas as pd
+
+from analysis.invariance import HEADS, STAGES, LayerInvariance, Runtime, encoder_invariance
+from analysis.knn import KS, encoder_knn
+from analysis.plots import plot_histograms, plot_layer_curves
+from pirl.data import ImageList, cache_dir, embedded_root, list_images
+from pirl.errors import UserError
+from pirl.options import data_option, out_option, parse_weights, runtime_options, weights_option
+from pirl.runs import RunDir
+from pirl.weights import load_encoder
+
+# The embedded demo's two models. Jigsaw uses 100 permutation classes rather than 1,000: its
+# 8 epochs on 1,437 images give too few examples per class to learn 1,000.
+EMBEDDED_METHODS: dict[str, dict[str, Any]] = {"pirl": {}, "jigsaw": {"num_permutations": 100}}
+EMBEDDED_SIZE = 64
+
+
+def embedded_checkpoints(device: str, num_workers: int) -> list[tuple[str, str]]:
+    """Checkpoints of the embedded pretraining of PIRL and Jigsaw, trained into the cache once
+    (an interrupted run resumes)."""
+    from pirl.train import PretrainConfig, pretrain
+
+    out = []
+    for method, extra in EMBEDDED_METHODS.items():
+        run = cache_dir() / "invariance" / method
+        ckpt = run / "checkpoint.pth"
+        cfg = PretrainConfig(
+            out=str(run), method=method, device=device, num_workers=num_workers,
+            resume=ckpt.exists(), **extra,
+        )
+        pretrain(cfg)
+        out.append((method, str(ckpt)))
+    return out
+
+
+def _splits(
+    root: Path, max_images: int, seed: int
+) -> tuple[ImageList, ImageList, ImageList | None]:
+    """(images for invariance, kNN index, kNN queries or None for leave-one-out)."""
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train, test = list_images(root / "train"), list_images(root / "val")
+    else:
+        train, test = list_images(root), None
+    probe = test if test is not None else train
+    if len(probe) > max_images:
+        keep = np.sort(np.random.default_rng(seed).choice(len(probe), max_images, replace=False))
+        probe = ImageList(
+            probe.root, [probe.paths[i] for i in keep], [probe.labels[i] for i in keep],
+            probe.classes,
+        )
+    return probe, train, test
+
+
+def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
+    """A pipe table (pandas' to_markdown needs tabulate, which we do not depend on)."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "-" if math.isnan(v) else f"{v:.{digits}f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _rows(
+    model: str, layers: list[LayerInvariance], knn: dict[str, dict[int, float]]
+) -> list[dict[str, Any]]:
+    rows = []
+    for r in layers:
+        acc = knn.get(r.layer, {})
+        rows.append(
+            {
+                "model": model, "layer": r.layer, "dim": r.dim, "own_mean": r.mean_own,
+                "other_mean": r.mean_other, "ratio": r.ratio, "self_match": r.self_match,
+                **{f"knn_k{k}": acc.get(k, math.nan) for k in KS},
+            }
+        )
+    return rows
+
+
+@click.group()
+def analyze() -> None:
+    """Representation analyses: jigsaw invariance and kNN accuracy per layer."""
+
+
+@analyze.command()
+@weights_option(multiple=True)
+@data_option
+@out_option("runs/invariance")
+@click.option(
+    "--image-size", type=int, default=None, help="Input size [224; embedded set: 64]."
+)
+@click.option(
+    "--max-images", type=int, default=2000, show_default=True,
+    help="Seeded subset of images for the distance analysis (all pairs are compared).",
+)
+@runtime_options(batch_size=64, num_workers=2)
+def invariance(
+    weights: tuple[str, ...],
+    data: str | None,
+    out: str,
+    image_size: int | None,
+    max_images: int,
+    device: str,
+    seed: int,
+    batch_size: int,
+    num_workers: int,
+) -> None:
+    """Distance of each image to its jigsaw transform (f-g heads and every trunk stage) and kNN
+    accuracy per layer, for each --weights NAME=PATH; without --data, the embedded set and the
+    embedded PIRL and Jigsaw pretraining (run once into the cache)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if data is None:
+        root, size = embedded_root(EMBEDDED_SIZE), image_size or EMBEDDED_SIZE
+        specs = [parse_weights(w) for w in weights] or embedded_checkpoints(device, num_workers)
+    else:
+        if not weights:
+            raise UserError(f"{data}: pass --weights NAME=PATH for each encoder to analyse")
+        root, size, specs = Path(data), image_size or 224, [parse_weights(w) for w in weights]
+    names = [name for name, _ in specs]
+    if len(set(names)) != len(names):
+        raise UserError(f"--weights: model names must differ (got {', '.join(names)})")
+    images, train, test = _splits(root, max_images, seed)
+    labelled = len({label for label in train.labels if label >= 0}) >= 2
+    rt = Runtime(device, batch_size, num_workers)
+    run = RunDir(out)
+    run.write_config(
+        {"weights": dict(specs), "data": str(root), "image_size": size, "max_images": max_images,
+         "images": len(images), "knn": "train/val" if test is not None else "leave-one-out",
+         "ks": list(KS), "temperature": 0.07, "device": device, "seed": seed,
+         "batch_size": batch_size, "num_workers": num_workers}
+    )
+    results, rows = {}, []
+    for name, spec in specs:
+        encoder = load_encoder(spec, seed=seed)
+        layers = encoder_invariance(encoder, spec, images, size, seed, rt)
+        knn = {}
+        if labelled:
+            knn = encoder_knn(
+                encoder, spec, train, test, STAGES, size, KS, device, batch_size, num_workers
+            )
+        results[name] = layers
+        rows += _rows(name, layers, knn)
+    table = pd.DataFrame(rows)
+    table.to_csv(run.path("invariance.csv"), index=False)
+    run.path("invariance.md").write_text(markdown_table(table))
+    plot_histograms(results, run.path("histograms.png"))
+    stages = table[table["layer"] != HEADS]
+    plot_layer_curves(
+        stages, [("ratio", "")], "own / other mean distance (lower: invariant)",
+        "Invariance to the jigsaw transform per layer", run.path("invariance_by_layer.png"),
+    )
+    if labelled:
+        plot_layer_curves(
+            stages, [(f"knn_k{k}", f"k={k}") for k in KS], "weighted kNN top-1",
+            "kNN accuracy per layer", run.path("knn_by_layer.png"),
+        )
+    run.write_results({"models": table.to_dict(orient="records")})
+    click.echo(markdown_table(table), nl=False)
+    click.echo(f"wrote {run.root}")
