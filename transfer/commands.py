@@ -32,7 +32,14 @@ from pirl.features import (
 )
 from pirl.options import out_option, runtime_options
 from pirl.runs import RunDir, resolve_device, seed_everything
-from transfer.datasets import BENCHMARKS, SPLITS, Split, load_split
+from transfer.datasets import (
+    BENCHMARKS,
+    EMBEDDED_SIZE,
+    SPLITS,
+    Split,
+    embedded_benchmarks,
+    load_split,
+)
 from transfer.linear import scaled_schedule, train_probe, voc07_svm
 from transfer.lowshot_cli import lowshot
 
@@ -84,10 +91,18 @@ def _batches(feats: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bo
         )
 
 
+def method_and_path(spec: str) -> tuple[str, str]:
+    """Split [NAME=]PATH; the name defaults to the file's stem, or the spec itself (random:...)."""
+    name, sep, path = spec.partition("=")
+    if sep:
+        return name, path
+    return (Path(spec).stem if Path(spec).is_file() else spec), spec
+
+
 def run_linear(
     weights: str,
     benchmark: str,
-    data: str | Path,
+    data: str | Path | None = None,
     layer: str = "res5",
     out: str | Path | None = None,
     device: str = "auto",
@@ -95,16 +110,26 @@ def run_linear(
     batch_size: int = 256,
     num_workers: int = 2,
     epochs: int | None = None,
-    image_size: int = 224,
+    image_size: int | None = None,
     augment: bool = True,
     feature_dtype: str = "float16",
 ) -> dict:
-    """Run one Table 2 benchmark for one encoder; write config/results/row when `out` is set."""
+    """Run one Table 2 benchmark for one encoder; write config/results/row when `out` is set.
+
+    weights is [NAME=]PATH or a random spec; data None means the embedded set (64-px images,
+    image_size 64 unless given); image_size None means 224 on real data.
+    """
     from pirl.weights import load_encoder
 
     if benchmark not in BENCHMARKS:
         raise UserError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARKS)}")
+    method, weights = method_and_path(weights)
+    if data is None:
+        data = embedded_benchmarks()[benchmark]
+        image_size = image_size or EMBEDDED_SIZE
+    image_size = image_size or 224
     config = dict(
+        method=method,
         weights=weights,
         benchmark=benchmark,
         data=str(data),
@@ -148,6 +173,7 @@ def run_linear(
     params = sum(p.numel() for p in encoder.trunk.parameters())
     results = {
         "benchmark": benchmark,
+        "method": method,
         "weights": weights,
         "layer": layer,
         "metric": METRIC[benchmark],
@@ -165,8 +191,7 @@ def run_linear(
 
 def markdown_row(results: dict) -> str:
     """The paper-layout Markdown row (Method, Parameters, benchmark) of one run."""
-    weights = results["weights"]
-    method = Path(weights).stem if Path(weights).is_file() else weights
+    method = results["method"]
     head = f"| Method | Parameters | {results['benchmark']} ({results['layer']}) |"
     row = f"| {method} | {results['parameters'] / 1e6:.1f}M | {results['value']:.1f} |"
     return f"{head}\n|---|---|---|\n{row}\n"
@@ -250,9 +275,8 @@ transfer.add_command(lowshot)
 @click.option(
     "--image-size",
     type=int,
-    default=224,
-    show_default=True,
-    help="Input side; smaller for small images (test Resize is 256/224 of it).",
+    default=None,
+    help="Input side [224; embedded data: 64]; test Resize is 256/224 of it.",
 )
 @click.option(
     "--augment/--no-augment",
@@ -304,8 +328,8 @@ def linear(
     if features_path is not None:
         res = run_precomputed(features_path, labels_path, split_path, out, device)
     else:
-        if data is None or weights is None:
-            raise UserError("--weights and --data are required (or --features/--labels/--split)")
+        if weights is None:
+            raise UserError("--weights is required (or --features/--labels/--split)")
         res = run_linear(
             weights,
             benchmark,

@@ -27,6 +27,8 @@ from pirl.data import list_images
 from pirl.errors import UserError
 
 BENCHMARKS = ("voc07", "imagenet", "places205", "inat18")
+EMBEDDED_SIZE = 64
+EMBEDDED_VERSION = "embedded-classification-v1"
 SPLITS = {
     "voc07": ("trainval", "test"),
     "imagenet": ("train", "val"),
@@ -245,3 +247,22 @@ def build_embedded(
         (split_dir / f"{s}_places205.csv").write_text("".join(f"{x}\n" for x in places[s]))
         (out["inat18"] / f"{s}2018.json").write_text(json.dumps({**inat[s], "categories": cats}))
     return out
+
+
+def embedded_benchmarks(n: int = 600, size: int = EMBEDDED_SIZE) -> dict[str, Path]:
+    """The embedded set in all four layouts, written once under cache_dir() and reused."""
+    import os
+    import shutil
+
+    from pirl.data import cache_dir
+
+    root = cache_dir() / f"{EMBEDDED_VERSION}-{n}-{size}"
+    if not (root / ".complete").exists():
+        tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+        build_embedded(tmp, n=n, size=size)
+        (tmp / ".complete").touch()
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    return {b: root / b for b in BENCHMARKS}

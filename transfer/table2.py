@@ -1,0 +1,189 @@
+"""Table 2 of the paper: linear probes of every encoder on every benchmark whose data is present.
+
+    python -m transfer.table2 [--weights NAME=PATH ...] [--data-root DIR] --out DIR
+
+DIR of --data-root holds voc07/, imagenet/, places205/, inat18/, each in its real layout
+(transfer/datasets.py); a benchmark whose folder is missing or unreadable is skipped with its
+reason. With no --data-root the embedded set is used (600 packaged digits-on-photos images in
+the four layouts, probes on cached centre-crop features); with no --weights the rows are a
+randomly initialised trunk (the floor) and, unless --no-pretrain, a PIRL model pretrained on
+the embedded set by `pirl-tools pretrain` (reused from OUT/pretrain when already there).
+Writes OUT/table2.md and OUT/table2.csv (Method, Parameters, ImageNet, VOC07, Places205, iNat.)
+and one run folder per (method, benchmark) under OUT/runs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pandas as pd
+
+from pirl.errors import UserError
+from transfer.commands import method_and_path, run_linear
+from transfer.datasets import BENCHMARKS, SPLITS, load_split
+
+COLUMNS = {"imagenet": "ImageNet", "voc07": "VOC07", "places205": "Places205", "inat18": "iNat."}
+RANDOM_SPEC = "random=random:resnet18@0.25"
+
+
+def find_benchmarks(data_root: Path) -> tuple[dict[str, Path], list[str]]:
+    """Benchmarks whose data reads correctly under data_root, and a line per one skipped."""
+    found, skipped = {}, []
+    for bench in BENCHMARKS:
+        folder = data_root / bench
+        if not folder.is_dir():
+            skipped.append(f"{COLUMNS[bench]}: skipped, no folder {folder}")
+            continue
+        try:
+            for split in SPLITS[bench]:
+                load_split(bench, folder, split)
+        except UserError as exc:
+            skipped.append(f"{COLUMNS[bench]}: skipped, {exc}")
+            continue
+        found[bench] = folder
+    return found, skipped
+
+
+def assemble(results: list[dict]) -> pd.DataFrame:
+    """One row per method in the paper's layout; '-' where a benchmark was not run."""
+    rows: dict[str, dict] = {}
+    for r in results:
+        row = rows.setdefault(r["method"], {"Method": r["method"]})
+        row["Parameters"] = f"{r['parameters'] / 1e6:.1f}M"
+        row[COLUMNS[r["benchmark"]]] = round(float(r["value"]), 1)
+    table = pd.DataFrame(list(rows.values()), columns=["Method", "Parameters", *COLUMNS.values()])
+    return table.astype(object).fillna("-")
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub Markdown table (pandas' to_markdown needs the optional tabulate package)."""
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def pretrained_embedded(out: Path) -> tuple[str | None, str]:
+    """A PIRL checkpoint from the embedded pretraining: reuse OUT/pretrain or run it once."""
+    ckpt = out / "pretrain" / "checkpoint.pth"
+    if ckpt.is_file():
+        return str(ckpt), ""
+    cmd = [
+        sys.executable,
+        "-c",
+        "from pirl.cli import main; main()",
+        "pretrain",
+        "--out",
+        str(ckpt.parent),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not ckpt.is_file():
+        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return None, f"pirl: skipped, embedded pretraining failed ({last[0]})"
+    return str(ckpt), ""
+
+
+def build_table2(
+    weights: list[str],
+    data_root: Path | None,
+    out: Path,
+    layer: str = "res5",
+    epochs: int | None = None,
+    augment: bool | None = None,
+    device: str = "auto",
+    pretrain: bool = True,
+) -> tuple[pd.DataFrame, list[str]]:
+    """Run every (encoder, present benchmark) probe and write table2.md and table2.csv."""
+    notes: list[str] = []
+    if data_root is None:
+        benches = {b: None for b in BENCHMARKS}
+        augment = False if augment is None else augment
+    else:
+        benches, notes = find_benchmarks(Path(data_root))
+        augment = True if augment is None else augment
+    if not weights:
+        weights = [RANDOM_SPEC]
+        if pretrain:
+            ckpt, why = pretrained_embedded(out)
+            weights += [f"pirl={ckpt}"] if ckpt else []
+            notes += [why] if why else []
+    results = []
+    for spec in weights:
+        method, _ = method_and_path(spec)
+        for bench, folder in benches.items():
+            click.echo(f"table2: {method} on {bench}", err=True)
+            results.append(
+                run_linear(
+                    spec,
+                    bench,
+                    folder,
+                    layer,
+                    out / "runs" / method / bench,
+                    device,
+                    epochs=epochs,
+                    augment=augment,
+                    num_workers=0,
+                )
+            )
+    table = assemble(results)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "table2.csv", index=False)
+    source = "embedded set" if data_root is None else str(data_root)
+    lines = [
+        f"# Table 2: linear probes ({layer}; data: {source})",
+        "",
+        to_markdown(table),
+        "",
+    ]
+    lines += [f"- {n}" for n in notes]
+    (out / "table2.md").write_text("\n".join(lines) + "\n")
+    return table, notes
+
+
+@click.command()
+@click.option("--weights", multiple=True, help="Encoder as NAME=PATH (repeatable).")
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder with voc07/ imagenet/ places205/ inat18/; omitted: embedded set.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/table2"),
+    show_default=True,
+)
+@click.option("--layer", default="res5", show_default=True)
+@click.option("--epochs", type=int, default=None, help="Fewer epochs than published (scaled).")
+@click.option(
+    "--augment/--no-augment",
+    default=None,
+    help="Augmented training views [real data: on; embedded: off].",
+)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--pretrain/--no-pretrain",
+    default=True,
+    show_default=True,
+    help="Without --weights: also pretrain PIRL on the embedded set for a row.",
+)
+def main(weights, data_root, out, layer, epochs, augment, device, pretrain) -> None:
+    """Assemble the paper's Table 2 for the given encoders."""
+    try:
+        table, notes = build_table2(
+            list(weights), data_root, out, layer, epochs, augment, device, pretrain
+        )
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(to_markdown(table))
+    for n in notes:
+        click.echo(n)
+    click.echo(f"wrote {out / 'table2.md'} and {out / 'table2.csv'}")
+
+
+if __name__ == "__main__":
+    main()
