@@ -36,8 +36,12 @@ def embedded_checkpoints(device: str, num_workers: int) -> list[tuple[str, str]]
         run = cache_dir() / "invariance" / method
         ckpt = run / "checkpoint.pth"
         cfg = PretrainConfig(
-            out=str(run), method=method, device=device, num_workers=num_workers,
-            resume=ckpt.exists(), **extra,
+            out=str(run),
+            method=method,
+            device=device,
+            num_workers=num_workers,
+            resume=ckpt.exists(),
+            **extra,
         )
         pretrain(cfg)
         out.append((method, str(ckpt)))
@@ -56,7 +60,9 @@ def _splits(
     if len(probe) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(len(probe), max_images, replace=False))
         probe = ImageList(
-            probe.root, [probe.paths[i] for i in keep], [probe.labels[i] for i in keep],
+            probe.root,
+            [probe.paths[i] for i in keep],
+            [probe.labels[i] for i in keep],
             probe.classes,
         )
     return probe, train, test
@@ -83,8 +89,13 @@ def _rows(
         acc = knn.get(r.layer, {})
         rows.append(
             {
-                "model": model, "layer": r.layer, "dim": r.dim, "own_mean": r.mean_own,
-                "other_mean": r.mean_other, "ratio": r.ratio, "self_match": r.self_match,
+                "model": model,
+                "layer": r.layer,
+                "dim": r.dim,
+                "own_mean": r.mean_own,
+                "other_mean": r.mean_other,
+                "ratio": r.ratio,
+                "self_match": r.self_match,
                 **{f"knn_k{k}": acc.get(k, math.nan) for k in KS},
             }
         )
@@ -100,11 +111,12 @@ def analyze() -> None:
 @weights_option(multiple=True)
 @data_option
 @out_option("runs/invariance")
+@click.option("--image-size", type=int, default=None, help="Input size [224; embedded set: 64].")
 @click.option(
-    "--image-size", type=int, default=None, help="Input size [224; embedded set: 64]."
-)
-@click.option(
-    "--max-images", type=int, default=2000, show_default=True,
+    "--max-images",
+    type=int,
+    default=2000,
+    show_default=True,
     help="Seeded subset of images for the distance analysis (all pairs are compared).",
 )
 @runtime_options(batch_size=64, num_workers=2)
@@ -138,10 +150,20 @@ def invariance(
     rt = Runtime(device, batch_size, num_workers)
     run = RunDir(out)
     run.write_config(
-        {"weights": dict(specs), "data": str(root), "image_size": size, "max_images": max_images,
-         "images": len(images), "knn": "train/val" if test is not None else "leave-one-out",
-         "ks": list(KS), "temperature": 0.07, "device": device, "seed": seed,
-         "batch_size": batch_size, "num_workers": num_workers}
+        {
+            "weights": dict(specs),
+            "data": str(root),
+            "image_size": size,
+            "max_images": max_images,
+            "images": len(images),
+            "knn": "train/val" if test is not None else "leave-one-out",
+            "ks": list(KS),
+            "temperature": 0.07,
+            "device": device,
+            "seed": seed,
+            "batch_size": batch_size,
+            "num_workers": num_workers,
+        }
     )
     results, rows = {}, []
     for name, spec in specs:
@@ -160,13 +182,19 @@ def invariance(
     plot_histograms(results, run.path("histograms.png"))
     stages = table[table["layer"] != HEADS]
     plot_layer_curves(
-        stages, [("ratio", "")], "own / other mean distance (lower: invariant)",
-        "Invariance to the jigsaw transform per layer", run.path("invariance_by_layer.png"),
+        stages,
+        [("ratio", "")],
+        "own / other mean distance (lower: invariant)",
+        "Invariance to the jigsaw transform per layer",
+        run.path("invariance_by_layer.png"),
     )
     if labelled:
         plot_layer_curves(
-            stages, [(f"knn_k{k}", f"k={k}") for k in KS], "weighted kNN top-1",
-            "kNN accuracy per layer", run.path("knn_by_layer.png"),
+            stages,
+            [(f"knn_k{k}", f"k={k}") for k in KS],
+            "weighted kNN top-1",
+            "kNN accuracy per layer",
+            run.path("knn_by_layer.png"),
         )
     run.write_results({"models": table.to_dict(orient="records")})
     click.echo(markdown_table(table), nl=False)

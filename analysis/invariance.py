@@ -174,12 +174,20 @@ def _extract(
     makes the inputs: a transform or the patch data set, named by its repr)."""
     ext = FeatureExtractor(encoder.trunk, layer, device=rt.device, grid=grid)
     key = cache_key(
-        weights_fingerprint(spec), layer, dataset_fingerprint(paths), view, grid=grid,
+        weights_fingerprint(spec),
+        layer,
+        dataset_fingerprint(paths),
+        view,
+        grid=grid,
         dtype="float32",
     )
     feats = ext.extract(
-        dataset, key=key, batch_size=rt.batch_size, num_workers=rt.num_workers,
-        dtype="float32", progress=rt.progress,
+        dataset,
+        key=key,
+        batch_size=rt.batch_size,
+        num_workers=rt.num_workers,
+        dtype="float32",
+        progress=rt.progress,
     )
     return torch.from_numpy(np.array(feats, dtype=np.float32))
 

@@ -46,7 +46,9 @@ class KnnIndex:
         base = unit_rows(feats)
         self.size, self.dim = base.shape
         index = faiss.IndexFlatIP(self.dim)
-        if gpu_available() if use_gpu is None else use_gpu:
+        if use_gpu is None:
+            use_gpu = gpu_available()
+        if use_gpu:
             self._res = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._res, 0, index)
         index.add(base)
@@ -150,13 +152,19 @@ def encoder_knn(
         feats = []
         for split in (train, test) if test is not None else (train,):
             key = cache_key(
-                weights_fingerprint(spec), layer, dataset_fingerprint(split.paths), transform,
+                weights_fingerprint(spec),
+                layer,
+                dataset_fingerprint(split.paths),
+                transform,
                 dtype="float16",
             )
             feats.append(
                 ext.extract(
-                    ImageDataset(split, transform), key=key, batch_size=batch_size,
-                    num_workers=num_workers, progress=progress,
+                    ImageDataset(split, transform),
+                    key=key,
+                    batch_size=batch_size,
+                    num_workers=num_workers,
+                    progress=progress,
                 )
             )
         test_feats, test_labels = (feats[1], test.labels) if test is not None else (None, None)

@@ -28,7 +28,10 @@ def plot_histograms(results: Mapping[str, Sequence[LayerInvariance]], path: Path
     (densities, so 360 own pairs and 130k other pairs share an axis), as in the paper's Fig. 4."""
     cols = max(len(v) for v in results.values())
     fig, axes = plt.subplots(
-        len(results), cols, figsize=(2.6 * cols, 2.2 * len(results)), squeeze=False,
+        len(results),
+        cols,
+        figsize=(2.6 * cols, 2.2 * len(results)),
+        squeeze=False,
         sharex=True,
     )
     width = np.diff(BINS)
@@ -65,7 +68,11 @@ def plot_layer_curves(
         rows = rows.set_index("layer").reindex(layers)
         for (column, label), style in zip(columns, styles, strict=False):
             ax.plot(
-                range(len(layers)), rows[column], style, marker="o", color=f"C{i}",
+                range(len(layers)),
+                rows[column],
+                style,
+                marker="o",
+                color=f"C{i}",
                 label=f"{model} {label}".strip(),
             )
     ax.set_xticks(range(len(layers)), layers)

@@ -33,9 +33,7 @@ def clustered_features(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _accuracies(sims: np.ndarray, idx: np.ndarray, ytr: np.ndarray, yq: np.ndarray) -> list[float]:
-    return [
-        float((weighted_vote(sims[:, :k], ytr[idx[:, :k]], CLASSES) == yq).mean()) for k in KS
-    ]
+    return [float((weighted_vote(sims[:, :k], ytr[idx[:, :k]], CLASSES) == yq).mean()) for k in KS]
 
 
 def run() -> str:

@@ -108,9 +108,11 @@ def test_cli_end_to_end_writes_tables_and_plots(
     pirl = _save_native(tmp_path / "pirl.pth", 0, heads)
     jig = _save_native(tmp_path / "jig.pth", 1, JigsawHead(64, hamming_permutations(5)))
     out = tmp_path / "out"
-    args = ["analyze", "invariance", "--weights", f"pirl={pirl}", "--weights", f"jigsaw={jig}",
-            "--weights", "floor=random:resnet18@0.125", "--data", str(data), "--out", str(out),
-            "--image-size", "32", "--device", "cpu", "--num-workers", "0", "--batch-size", "32"]
+    args = (
+        f"analyze invariance --weights pirl={pirl} --weights jigsaw={jig} "
+        f"--weights floor=random:resnet18@0.125 --data {data} --out {out} --image-size 32 "
+        "--device cpu --num-workers 0 --batch-size 32"
+    ).split()
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     for name in ("histograms.png", "invariance_by_layer.png", "knn_by_layer.png"):

@@ -103,10 +103,11 @@ def test_pretrain_method_jigsaw_writes_a_checkpoint_load_encoder_reads(
     tiny_folder: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "jig"
-    args = ["pretrain", "--method", "jigsaw", "--data", str(tiny_folder), "--out", str(out),
-            "--arch", "resnet18", "--width", "0.125", "--image-size", "32", "--epochs", "1",
-            "--batch-size", "16", "--num-permutations", "10", "--num-workers", "0",
-            "--device", "cpu"]
+    args = (
+        f"pretrain --method jigsaw --data {tiny_folder} --out {out} --arch resnet18 --width 0.125 "
+        "--image-size 32 --epochs 1 --batch-size 16 --num-permutations 10 --num-workers 0 "
+        "--device cpu"
+    ).split()
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     ckpt = read_checkpoint(out / "checkpoint.pth")
