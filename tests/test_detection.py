@@ -18,13 +18,21 @@ from transfer.detection import (
     Schedule,
     assemble_table1,
     build_c4_detector,
+    detect,
     detector_trunk_state,
     run_detection,
     table1_markdown,
     write_detectron2_handover,
 )
 from transfer.detection_cli import detection, parse_sizes, table1
-from transfer.voc_detection import build_embedded_voc
+from transfer.voc_ap import evaluate
+from transfer.voc_detection import (
+    VocDetectionDataset,
+    build_embedded_voc,
+    ground_truth,
+    read_voc_set,
+    voc_classes,
+)
 
 
 def _randomised_trunk(arch="resnet18", width=0.125, seed=0):
@@ -198,6 +206,39 @@ def test_tiny_end_to_end_resume_and_rescore(tmp_path):
     assert table.Method.tolist() == ["tiny"] and "| tiny |" in table1_markdown(table)
     res = CliRunner().invoke(table1, [str(out), "--out", str(tmp_path / "tables")])
     assert res.exit_code == 0 and (tmp_path / "tables" / "table1.csv").exists()
+
+
+class _Oracle(nn.Module):
+    """Returns each image's training targets as detections: a perfect detector."""
+
+    def __init__(self, dataset):
+        super().__init__()
+        self.targets = {tuple(img.shape) + (float(img.sum()),): t for img, t, _ in dataset}
+
+    def forward(self, images):
+        outs = []
+        for img in images:
+            t = self.targets[tuple(img.shape) + (float(img.sum()),)]
+            n = len(t["labels"])
+            outs.append({"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(n)})
+        return outs
+
+
+def test_detect_returns_devkit_coordinates_a_perfect_detector_scores_100():
+    devkit = build_embedded_voc(n_trainval=2, n_test=5, size=64, seed=4)
+    images = read_voc_set(devkit, "2007", "test")
+    classes = voc_classes(images)
+    oracle = _Oracle(VocDetectionDataset(images, classes, train=False))
+    dets = detect(oracle, images, classes, torch.device("cpu"), batch_size=2, num_workers=0)
+    got = sorted(
+        (i, tuple(b))
+        for c in classes
+        for i, b in zip(dets[c].image_ids, dets[c].boxes.tolist(), strict=True)
+    )
+    want = sorted((im.image_id, o.box) for im in images for o in im.objects)
+    assert got == want  # x1, y1 shifted back by one pixel: exactly the XML's integers
+    res = evaluate(ground_truth(images, classes), dets, classes)
+    assert res["AP"] == res["AP50"] == res["AP75"] == pytest.approx(100.0)
 
 
 def test_cli_errors_are_one_line(tmp_path):
