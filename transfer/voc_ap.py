@@ -145,9 +145,10 @@ def evaluate(
     since that is how images without the class count. Classes without positives are left out
     of the means (detectron2 would report NaN).
     """
-    per_class = np.stack(
-        [class_ap(gt[c], dets.get(c, Detections()), IOU_THRESHOLDS, use_07_metric) for c in classes]
-    ) * 100.0
+    aps = [
+        class_ap(gt[c], dets.get(c, Detections()), IOU_THRESHOLDS, use_07_metric) for c in classes
+    ]
+    per_class = np.stack(aps) * 100.0
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         by_iou = np.nanmean(per_class.reshape(-1, len(IOU_THRESHOLDS)), axis=0)
