@@ -40,6 +40,7 @@ from transfer.datasets import (
     embedded_benchmarks,
     load_split,
 )
+from transfer.detection_cli import detection, table1
 from transfer.linear import scaled_schedule, train_probe, voc07_svm
 from transfer.lowshot_cli import lowshot
 
@@ -250,6 +251,8 @@ def transfer() -> None:
 
 
 transfer.add_command(lowshot)
+transfer.add_command(detection)
+transfer.add_command(table1)
 
 
 @transfer.command("linear")
