@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from pirl.augment import BatchAugment, CropTransform
 from pirl.data import ImageDataset, ImageList, collate_skipping, embedded_root, list_images
 from pirl.errors import UserError
 from pirl.heads import PirlHeads
@@ -45,6 +46,9 @@ CHECKPOINT_VERSION = 1
 # lambda of the PIRL loss; npid is NPID++; jigsaw, the Jigsaw-pretext baseline, uses the
 # patches only and classifies their permutation (pirl/jigsaw_pretext.py) instead of contrasting.
 METHODS = {"pirl": 0.5, "npid": 0.0, "jigsaw": 1.0}
+# batched: workers only crop, the rest runs on whole batches on the device (pirl/augment.py);
+# pil: the per-image PIL pipeline, kept for comparison. The jigsaw baseline keeps its own.
+AUGMENTS = ("batched", "pil")
 # Published recipe (DESIGN.md sec. 2) and the small embedded default that runs on a laptop.
 PAPER = {
     "arch": "resnet50",
@@ -97,6 +101,7 @@ class PretrainConfig:
     device: str = "auto"
     num_workers: int = 2
     amp: bool = True
+    augment: str = "batched"
     skip_bad_images: bool = False
     resume: bool = False
 
@@ -115,6 +120,8 @@ class PretrainConfig:
             cfg.lam = METHODS[cfg.method]
         if cfg.lr is None:
             cfg.lr = 0.03 * cfg.batch_size / 256
+        if cfg.augment not in AUGMENTS:
+            raise UserError(f"--augment {cfg.augment}: choose from {list(AUGMENTS)}")
         return cfg
 
 
@@ -207,8 +214,10 @@ def build_loader(
     geometry = JigsawGeometry.for_image_size(cfg.image_size)
     if cfg.method == "jigsaw":
         transform = JigsawTransform(geometry, hamming_permutations(cfg.num_permutations))
-    else:
+    elif cfg.augment == "pil":
         transform = PirlTransform(geometry, with_patches)
+    else:
+        transform = CropTransform(geometry, with_patches)
     dataset = ImageDataset(images, transform, skip_bad=cfg.skip_bad_images)
     per_rank = max(1, cfg.batch_size // world)
     gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, rank))
@@ -240,6 +249,25 @@ def preflight(cfg: PretrainConfig) -> ImageList:
     if not cfg.resume and ckpt_path.exists():
         raise UserError(f"{ckpt_path}: a run exists here; pass --resume or choose another --out")
     return images
+
+
+def device_views(
+    views: tuple[torch.Tensor, ...],
+    augment: BatchAugment | None,
+    device: torch.device,
+    generator: torch.Generator,
+    with_patches: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images, patches or None) on the device: the PIL path's tensors as they are, or the
+    batched path's uint8 crops augmented there (only uint8 crosses to the GPU)."""
+    images, patches = views[0].to(device, non_blocking=True), None
+    if with_patches:
+        patches = views[1].to(device, non_blocking=True)
+    if augment is not None:
+        images, patches, _ = augment(images, patches, generator)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, patches
 
 
 def make_trainer(cfg: PretrainConfig, data_size: int, device: torch.device) -> Trainer:
@@ -307,10 +335,14 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
     steps_per_epoch = len(build_loader(cfg, 0, rank, world, with_patches))
     total = steps_per_epoch * cfg.epochs
     amp = cfg.amp and device.type == "cuda"
+    augment = None
+    if cfg.augment == "batched" and cfg.method != "jigsaw":
+        augment = BatchAugment(JigsawGeometry.for_image_size(cfg.image_size))
     while trainer.epoch < cfg.epochs:
         epoch = trainer.epoch
         seed_everything(_epoch_seed(cfg.seed, epoch, rank))
         neg_gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed + 1, epoch, 0))
+        aug_gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed + 2, epoch, rank))
         loader = build_loader(cfg, epoch, rank, world, with_patches)
         model.train()
         seen, skipped, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
@@ -319,11 +351,9 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
             skipped += n_bad
             if batch is None:
                 continue
-            (images_b, patches_b, perm_b), _labels, idx = batch
-            images_b = images_b.to(device, non_blocking=True)
-            patches_b = patches_b.to(device, non_blocking=True) if with_patches else None
-            if device.type == "cuda":
-                images_b = images_b.contiguous(memory_format=torch.channels_last)
+            views, _labels, idx = batch
+            perm_b = views[-1]  # jigsaw: the permutation class its transform drew
+            images_b, patches_b = device_views(views, augment, device, aug_gen, with_patches)
             idx = idx.to(device)
             lr = cosine_lr(trainer.step, total, cfg.lr, cfg.final_lr_ratio)
             for group in trainer.optimizer.param_groups:

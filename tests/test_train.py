@@ -141,3 +141,14 @@ def test_ddp_memory_bank_replicas_stay_identical(tiny_folder: Path, tmp_path: Pa
     changed = (b0 != initial).any(dim=1)
     assert changed.sum() == 48  # each rank updated its half and received the other half
     assert dataclasses.asdict(cfg)["batch_size"] == 16
+
+
+def test_pil_augment_path_still_trains_and_unknown_path_is_rejected(
+    tiny_folder: Path, tmp_path: Path
+) -> None:
+    trainer = pretrain(tiny_config(tiny_folder, tmp_path / "pil", epochs=1, augment="pil"))
+    assert trainer.step == 3 and read_checkpoint(tmp_path / "pil" / "checkpoint.pth")["config"][
+        "augment"
+    ] == "pil"
+    with pytest.raises(UserError, match="--augment gpu: choose from"):
+        pretrain(tiny_config(tiny_folder, tmp_path / "bad", augment="gpu"))
