@@ -108,6 +108,14 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--num-workers", type=int, default=2, show_default=True)
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 autocast on GPU.")
+@click.option(
+    "--augment",
+    type=click.Choice(["batched", "pil"]),
+    default="batched",
+    show_default=True,
+    help="batched: workers only crop; jigsaw cut, colour jitter, grayscale, flip and "
+    "normalisation run on whole batches on the device. pil: the per-image PIL pipeline.",
+)
 @click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images (counted).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--nproc", type=int, default=1, show_default=True, help="Local DDP processes.")
