@@ -116,6 +116,19 @@ def main(ctx: click.Context, debug: bool) -> None:
     help="batched: workers only crop; jigsaw cut, colour jitter, grayscale, flip and "
     "normalisation run on whole batches on the device. pil: the per-image PIL pipeline.",
 )
+@click.option(
+    "--shared-negatives",
+    is_flag=True,
+    help="Draw one set of negatives per batch (and term) instead of one per sample as VISSL "
+    "does: one gather of N bank rows instead of B*N, much cheaper.",
+)
+@click.option(
+    "--bank-dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Storage of the memory bank (16-bit halves it); updates are computed in float32.",
+)
 @click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images (counted).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--nproc", type=int, default=1, show_default=True, help="Local DDP processes.")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INIT_ROWS = 1 << 16  # rows per independently seeded init chunk (same bank for any thread count)
 
 
 def distributed() -> bool:
@@ -16,15 +21,29 @@ class MemoryBank(nn.Module):
     """m_i <- normalize(momentum * m_i + (1 - momentum) * f(v_i)), no gradient (PIRL sec. 3.2).
 
     Under DDP every rank holds a full replica and applies the (index, f) updates gathered from
-    all ranks in rank order, so the replicas stay identical.
+    all ranks in rank order, so the replicas stay identical. The bank may be stored in float16
+    or bfloat16 (half the memory); every mix and normalisation is done in float32.
     """
 
-    def __init__(self, size: int, dim: int = 128, momentum: float = 0.5, seed: int = 0) -> None:
+    def __init__(
+        self,
+        size: int,
+        dim: int = 128,
+        momentum: float = 0.5,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.momentum = momentum
-        g = torch.Generator().manual_seed(seed)
-        bank = torch.rand(size, dim, generator=g) * 2 - 1
-        self.register_buffer("bank", F.normalize(bank, dim=1))
+        self.register_buffer("bank", torch.empty(size, dim, dtype=dtype))
+
+        def init(start: int) -> None:  # uniform in [-1, 1), normalised; chunks in parallel
+            g = torch.Generator().manual_seed(seed * 1_000_003 + start // INIT_ROWS)
+            rows = torch.empty(min(INIT_ROWS, size - start), dim).uniform_(-1, 1, generator=g)
+            self.bank[start : start + len(rows)] = rows.div_(rows.norm(dim=1, keepdim=True))
+
+        with ThreadPoolExecutor(torch.get_num_threads()) as pool:
+            list(pool.map(init, range(0, size, INIT_ROWS)))
 
     @property
     def size(self) -> int:
@@ -33,18 +52,25 @@ class MemoryBank(nn.Module):
     def sample(
         self, shape: tuple[int, ...], generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Negative indices drawn uniformly from the whole data set, in one call."""
-        return torch.randint(0, self.size, shape, generator=generator, device="cpu").to(
-            self.bank.device
-        )
+        """Negative indices drawn uniformly from the whole data set, in one call, on the
+        generator's device (a CUDA generator keeps a large per-sample draw on the GPU); sorted
+        along the last axis: the loss does not depend on the negatives' order, and sorted rows
+        gather faster."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        idx = torch.randint(0, self.size, shape, generator=generator, device=device)
+        return idx.sort(dim=-1).values.to(self.bank.device)
 
     def scores(self, z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """<m_idx[b, j], z[b]> for idx (B, N): via one (B, |D|) product when the bank is smaller
-        than N (cheaper than gathering B*N rows), else a batched gather + bmm."""
-        bank = self.bank.to(z.dtype)
+        """<m_j, z[b]> in z's dtype: idx (B, N) per-sample negatives, or (N,) one draw shared
+        by the batch (one gather, one (B, N) product). Per sample: one (B, |D|) product when
+        the bank is smaller than N, else a blocked gather + bmm that keeps only idx for the
+        backward pass (not B*N gathered rows)."""
+        if idx.dim() == 1:
+            return z @ self.bank[idx].to(z.dtype).T
         if self.size <= idx.shape[1]:
-            return (z @ bank.T).gather(1, idx)
-        return torch.bmm(bank[idx], z.unsqueeze(2)).squeeze(2)
+            return (z @ self.bank.to(z.dtype).T).gather(1, idx)
+        budget = (1 << 27) if z.is_cuda else (1 << 18)  # gathered values held at once
+        return _GatherScores.apply(z, self.bank, idx, budget)
 
     @torch.no_grad()
     def update(self, idx: torch.Tensor, feats: torch.Tensor) -> None:
@@ -64,5 +90,60 @@ class MemoryBank(nn.Module):
             dist.all_gather(all_feat, pad_feat)
             idx = torch.cat([i[: int(s.item())] for i, s in zip(all_idx, sizes, strict=True)])
             feats = torch.cat([f[: int(s.item())] for f, s in zip(all_feat, sizes, strict=True)])
-        mixed = self.momentum * self.bank[idx] + (1 - self.momentum) * feats
-        self.bank[idx] = F.normalize(mixed, dim=1)
+        mixed = self.momentum * self.bank[idx].float() + (1 - self.momentum) * feats.float()
+        self.bank[idx] = F.normalize(mixed, dim=1).to(self.bank.dtype)
+
+
+def _blocks(batch: int, n: int, dim: int, budget: int) -> list[tuple[slice, slice]]:
+    """(samples, negatives) blocks of at most `budget` gathered values (at least one row)."""
+    if n * dim <= budget:
+        step = budget // (n * dim)
+        return [(slice(b, b + step), slice(0, n)) for b in range(0, batch, step)]
+    rows = max(1, budget // dim)
+    return [(slice(b, b + 1), slice(r, r + rows)) for b in range(batch) for r in range(0, n, rows)]
+
+
+class _GatherScores(torch.autograd.Function):
+    """s[b, j] = <bank[idx[b, j]], z[b]> block by block into one reused buffer; the backward
+    pass gathers again instead of saving B*N rows (4 GB per term at batch 256 and 32,000
+    negatives)."""
+
+    @staticmethod
+    def forward(ctx, z, bank, idx, budget):  # noqa: ANN001, ANN205 (autograd signature)
+        ctx.save_for_backward(bank, idx)
+        ctx.budget = budget
+        out = z.new_empty(idx.shape)
+        for bs, ns, rows in _gathered(bank, idx, budget, z.dtype):
+            if rows.shape[0] == 1:
+                torch.mv(rows[0], z[bs][0], out=out[bs, ns][0])
+            else:
+                out[bs, ns] = torch.bmm(rows, z[bs].unsqueeze(2)).squeeze(2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        bank, idx = ctx.saved_tensors
+        grad_z = grad.new_zeros(idx.shape[0], bank.shape[1])
+        for bs, ns, rows in _gathered(bank, idx, ctx.budget, grad.dtype):
+            if rows.shape[0] == 1:
+                grad_z[bs][0].addmv_(rows[0].T, grad[bs, ns][0])
+            else:
+                grad_z[bs] += torch.bmm(grad[bs, ns].unsqueeze(1), rows).squeeze(1)
+        return grad_z, None, None, None
+
+
+def _gathered(bank: torch.Tensor, idx: torch.Tensor, budget: int, dtype: torch.dtype):
+    """Yield (samples, negatives, rows (b, n, dim) in dtype) per block, the rows living in
+    buffers allocated once (fresh large allocations cost page faults on every block)."""
+    dim = bank.shape[1]
+    blocks = _blocks(*idx.shape, dim, budget)
+    most = max((len(range(*b.indices(idx.shape[0]))) * (n.stop - n.start)) for b, n in blocks)
+    buf = bank.new_empty(most, dim)
+    cast = None if bank.dtype == dtype else torch.empty(most, dim, dtype=dtype, device=bank.device)
+    for bs, ns in blocks:
+        ids = idx[bs, ns]
+        flat = ids.reshape(-1)
+        rows = torch.index_select(bank, 0, flat, out=buf[: len(flat)])
+        if cast is not None:
+            rows = cast[: len(flat)].copy_(rows)
+        yield bs, ns, rows.view(*ids.shape, dim)

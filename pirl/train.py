@@ -34,7 +34,7 @@ from pirl.jigsaw_pretext import (
     JigsawTransform,
     hamming_permutations,
 )
-from pirl.memory import MemoryBank
+from pirl.memory import BANK_DTYPES, MemoryBank
 from pirl.nce import PirlLoss
 from pirl.runs import RunDir, atomic_torch_save, resolve_device, seed_everything
 from pirl.trunk import Trunk, build_trunk
@@ -102,6 +102,8 @@ class PretrainConfig:
     num_workers: int = 2
     amp: bool = True
     augment: str = "batched"
+    shared_negatives: bool = False  # one draw of N negatives per batch; VISSL draws per sample
+    bank_dtype: str = "float32"
     skip_bad_images: bool = False
     resume: bool = False
 
@@ -122,6 +124,8 @@ class PretrainConfig:
             cfg.lr = 0.03 * cfg.batch_size / 256
         if cfg.augment not in AUGMENTS:
             raise UserError(f"--augment {cfg.augment}: choose from {list(AUGMENTS)}")
+        if cfg.bank_dtype not in BANK_DTYPES:
+            raise UserError(f"--bank-dtype {cfg.bank_dtype}: choose from {list(BANK_DTYPES)}")
         return cfg
 
 
@@ -280,9 +284,16 @@ def make_trainer(cfg: PretrainConfig, data_size: int, device: torch.device) -> T
         memory, criterion = None, JigsawLoss()
     else:
         model = PirlModel(trunk, PirlHeads(trunk.out_dim, cfg.embed_dim)).to(device)
-        memory = MemoryBank(data_size, cfg.embed_dim, cfg.bank_momentum, seed=cfg.seed).to(device)
+        dtype = BANK_DTYPES[cfg.bank_dtype]
+        memory = MemoryBank(data_size, cfg.embed_dim, cfg.bank_momentum, cfg.seed, dtype).to(device)
         criterion = PirlLoss(
-            memory, cfg.num_negatives, cfg.temperature, cfg.lam, cfg.loss, cfg.z_momentum
+            memory,
+            cfg.num_negatives,
+            cfg.temperature,
+            cfg.lam,
+            cfg.loss,
+            cfg.z_momentum,
+            cfg.shared_negatives,
         ).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -341,7 +352,8 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
     while trainer.epoch < cfg.epochs:
         epoch = trainer.epoch
         seed_everything(_epoch_seed(cfg.seed, epoch, rank))
-        neg_gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed + 1, epoch, 0))
+        # Negatives are drawn on the training device: B*N indices per term need not cross.
+        neg_gen = torch.Generator(device).manual_seed(_epoch_seed(cfg.seed + 1, epoch, 0))
         aug_gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed + 2, epoch, rank))
         loader = build_loader(cfg, epoch, rank, world, with_patches)
         model.train()

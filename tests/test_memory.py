@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from pirl import memory
 from pirl.memory import MemoryBank
 
 
@@ -36,3 +38,64 @@ def test_scores_both_paths_equal_brute_force() -> None:
         assert idx.min() >= 0 and idx.max() < size
         want = torch.stack([bank.bank[idx[b]] @ z[b] for b in range(5)])
         torch.testing.assert_close(bank.scores(z, idx), want, rtol=1e-5, atol=1e-6)
+
+
+def test_blocked_scores_and_gradient_equal_a_plain_gather() -> None:
+    """Forward and backward of the blocked path against autograd through bank[idx] @ z."""
+    bank = MemoryBank(300, 8, seed=2)
+    idx = bank.sample((5, 70), torch.Generator().manual_seed(3))
+    assert torch.equal(idx, idx.sort(dim=1).values) and idx.max() < 300
+    weights = torch.randn(5, 70)
+    for budget in (8 * 16, 8 * 70 * 2, 1 << 20):  # row blocks, sample blocks, one block
+        z = F.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(4)), dim=1)
+        z_ref = z.clone().requires_grad_()
+        want = torch.bmm(bank.bank[idx], z_ref.unsqueeze(2)).squeeze(2)
+        (want * weights).sum().backward()
+        z.requires_grad_()
+        got = memory._GatherScores.apply(z, bank.bank, idx, budget)
+        (got * weights).sum().backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_negatives_score_one_draw_for_the_whole_batch() -> None:
+    bank = MemoryBank(500, 8, seed=5)
+    z = F.normalize(torch.randn(4, 8), dim=1)
+    idx = bank.sample((60,), torch.Generator().manual_seed(6))
+    want = torch.stack([torch.stack([bank.bank[j] @ z[b] for j in idx]) for b in range(4)])
+    torch.testing.assert_close(bank.scores(z, idx), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_bank_mixes_in_float32(dtype: torch.dtype) -> None:
+    full, half = MemoryBank(50, 16, seed=7), MemoryBank(50, 16, seed=7, dtype=dtype)
+    assert half.bank.dtype == dtype and half.bank.element_size() == 2
+    tol = {"rtol": 0, "atol": 1e-2 if dtype == torch.bfloat16 else 1e-3}
+    torch.testing.assert_close(half.bank.float(), full.bank, **tol)
+    before = half.bank.double()
+    feats = F.normalize(torch.randn(3, 16), dim=1)
+    idx = torch.tensor([2, 9, 30])
+    half.update(idx, feats)
+    mixed = 0.5 * before[idx] + 0.5 * feats.double()
+    want = mixed / mixed.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(half.bank[idx].double(), want, **tol)
+    z = F.normalize(torch.randn(2, 16), dim=1)
+    neg = half.sample((2, 40), torch.Generator().manual_seed(8))
+    brute = torch.stack([half.bank[neg[b]].float() @ z[b] for b in range(2)])
+    torch.testing.assert_close(half.scores(z, neg), brute, rtol=1e-5, atol=1e-6)
+
+
+def test_init_is_the_same_for_any_thread_count_and_uniform_before_normalising() -> None:
+    size = memory.INIT_ROWS + 1000  # two chunks
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = MemoryBank(size, 4, seed=9).bank
+        torch.set_num_threads(2)
+        two = MemoryBank(size, 4, seed=9).bank
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and not torch.equal(one, MemoryBank(size, 4, seed=10).bank)
+    assert not torch.equal(one[:1000], one[memory.INIT_ROWS :])  # chunks seeded apart
+    # Directions of a uniform cube: each coordinate's sign is a fair coin.
+    assert abs((one > 0).float().mean().item() - 0.5) < 0.01

@@ -75,3 +75,17 @@ def test_pirl_loss_mixes_terms_with_lambda() -> None:
     bank.sample((4, 20), gen)  # the f term's draw comes first
     g_only = crit.term(crit.loss_g, gz, idx, gen).item()
     assert math.isclose(value(0.5), 0.5 * f_only + 0.5 * g_only, rel_tol=1e-6)
+
+
+def test_shared_negatives_use_one_draw_per_term_and_batch() -> None:
+    bank = MemoryBank(200, dim=8, seed=1)
+    f = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    idx = torch.tensor([4, 50, 7])
+    crit = PirlLoss(bank, num_negatives=25, temperature=0.1, lam=0.0, loss="infonce",
+                    shared_negatives=True)
+    got = crit(f, None, idx, torch.Generator().manual_seed(2)).item()
+    neg_idx = bank.sample((25,), torch.Generator().manual_seed(2))  # the f term's draw
+    m, z = bank.bank.double().numpy(), f.double().numpy()
+    s = np.concatenate([(m[idx] * z).sum(1, keepdims=True), z @ m[neg_idx].T], 1) / 0.1
+    want = np.mean(np.log(np.exp(s).sum(1)) - s[:, 0])
+    assert math.isclose(got, want, rel_tol=1e-6)

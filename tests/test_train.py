@@ -152,3 +152,18 @@ def test_pil_augment_path_still_trains_and_unknown_path_is_rejected(
     ] == "pil"
     with pytest.raises(UserError, match="--augment gpu: choose from"):
         pretrain(tiny_config(tiny_folder, tmp_path / "bad", augment="gpu"))
+
+
+def test_half_bank_and_shared_negatives_train_and_checkpoint(
+    tiny_folder: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(
+        tiny_folder, tmp_path / "run", epochs=1, bank_dtype="bfloat16", shared_negatives=True
+    )
+    trainer = pretrain(cfg)
+    bank = read_checkpoint(tmp_path / "run" / "checkpoint.pth")["memory"]["bank"]
+    assert bank.dtype == torch.bfloat16 and torch.equal(bank, trainer.memory.bank)
+    assert trainer.criterion.shared_negatives
+    torch.testing.assert_close(bank.float().norm(dim=1), torch.ones(48), rtol=0, atol=1e-2)
+    with pytest.raises(UserError, match="--bank-dtype float8: choose from"):
+        pretrain(tiny_config(tiny_folder, tmp_path / "bad", bank_dtype="float8"))
