@@ -50,6 +50,7 @@ class PhotometricParams:
     flip: torch.Tensor
 
     def to(self, device: torch.device | str) -> PhotometricParams:
+        """The same parameters on device (drawn on the CPU so seeded runs match anywhere)."""
         return PhotometricParams(
             *(getattr(self, k).to(device, non_blocking=True) for k in self.__dataclass_fields__)
         )
@@ -162,14 +163,23 @@ def photometric(
     p: PhotometricParams,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    grouped: bool | None = None,
 ) -> torch.Tensor:
     """uint8 (n, 3, H, W) views -> ColorJitter (ops in each view's order), grayscale, flip,
-    normalisation, as published. Views sharing an op sequence run together on a contiguous
-    slice, so no op runs on a view that does not use it and nothing is gathered per op."""
-    sort, plan = _group_plan(p)
-    factors = [f.index_select(0, sort) for f in (p.brightness, p.contrast, p.saturation, p.hue)]
+    normalisation, as published. Two schedules with the same result: grouped (CPU default)
+    runs views sharing an op sequence together on cache-sized slices, so no view pays for an op
+    it does not use; positional (GPU default) needs ~60 kernels per call instead of thousands."""
+    grouped = x.device.type == "cpu" if grouped is None else grouped
     m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (_grouped if grouped else _positional)(x, p.to(x.device), m, s)
+
+
+def _grouped(
+    x: torch.Tensor, p: PhotometricParams, m: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
+    sort, plan = _group_plan(p)
+    factors = [f.index_select(0, sort) for f in (p.brightness, p.contrast, p.saturation, p.hue)]
     out = torch.empty(x.shape, device=x.device)
     for start, stop, key in plan:  # one group at a time, so its work stays in cache
         sel = sort[start:stop]
@@ -183,6 +193,39 @@ def photometric(
             view = view.flip(-1)
         out.index_copy_(0, sel, view.sub_(m).div_(s))
     return out
+
+
+def _positional(
+    x: torch.Tensor, p: PhotometricParams, m: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
+    """At each of the 4 positions every view takes one op. Brightness, contrast and
+    saturation are one blend over the whole batch, x <- clamp(f x + (1 - f) target) with the
+    target 0, the mean luma or the luma per view (f = 1, exactly the identity, for views whose
+    op there is hue); hue runs on the contiguous slice of views that have it there (views are
+    sorted by hue position, one host sync)."""
+    hue_pos = (p.order == 3).long().argmax(1)
+    sort = torch.argsort(hue_pos, stable=True)
+    bounds = [0, *torch.bincount(hue_pos, minlength=4).cumsum(0).tolist()]
+    order = p.order.index_select(0, sort)
+    b, c, sat, hue = (
+        f.index_select(0, sort) for f in (p.brightness, p.contrast, p.saturation, p.hue)
+    )
+    x = x.index_select(0, sort).float().div_(255)
+    weights = torch.tensor(GRAY_WEIGHTS, device=x.device)
+    for pos in range(4):
+        op = order[:, pos]
+        f = torch.where(op == 0, b, torch.where(op == 1, c, torch.where(op == 2, sat, 1.0)))
+        keep = 1 - f
+        luma = grayscale(x).mul_(_col(keep * (op == 2)))
+        luma.add_(_col(keep * (op == 1) * (x.mean(dim=(2, 3)) @ weights)))
+        x.mul_(_col(f)).add_(luma).clamp_(0, 1)
+        if bounds[pos + 1] > bounds[pos]:
+            sl = slice(bounds[pos], bounds[pos + 1])
+            adjust_hue(x[sl], hue[sl])
+    gray, flip = (v.index_select(0, sort) for v in (p.gray, p.flip))
+    x = torch.lerp(x, grayscale(x).expand_as(x), _col(gray.to(x.dtype)))
+    x = torch.where(_col(flip), x.flip(-1), x)
+    return x.sub_(m).div_(s).index_select(0, torch.argsort(sort))
 
 
 def jigsaw_draw(

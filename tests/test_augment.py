@@ -71,13 +71,16 @@ def test_grayscale_equals_torchvision() -> None:
     torch.testing.assert_close(A.grayscale(x), want, rtol=0, atol=1e-6)
 
 
-def test_photometric_with_drawn_params_equals_torchvision_composition() -> None:
-    """Every view with its own order, factors, grayscale and flip, as the published recipe."""
+@pytest.mark.parametrize("grouped", [True, False])
+def test_photometric_with_drawn_params_equals_torchvision_composition(grouped: bool) -> None:
+    """Every view with its own order, factors, grayscale and flip, as the published recipe;
+    both schedules (grouped by op sequence on CPU, positional on GPU)."""
     views = photo_views(60, 20, seed=3)
     p = A.draw_params(60, generator=torch.Generator().manual_seed(4))
     assert p.gray.any() and not p.gray.all() and p.flip.any() and not p.flip.all()
     want = torch.stack([reference(views[i], p, i) for i in range(60)])
-    torch.testing.assert_close(A.photometric(views, p), want, rtol=0, atol=2e-5)
+    got = A.photometric(views, p, grouped=grouped)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
 
 
 def test_fixed_params_agree_with_the_pil_path_pixelwise() -> None:
