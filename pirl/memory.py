@@ -66,7 +66,7 @@ class MemoryBank(nn.Module):
         the bank is smaller than N, else a blocked gather + bmm that keeps only idx for the
         backward pass (not B*N gathered rows)."""
         if idx.dim() == 1:
-            return z @ self.bank[idx].to(z.dtype).T
+            return z @ self.bank.index_select(0, idx).to(z.dtype).T
         if self.size <= idx.shape[1]:
             return (z @ self.bank.to(z.dtype).T).gather(1, idx)
         budget = (1 << 27) if z.is_cuda else (1 << 18)  # gathered values held at once
