@@ -5,7 +5,10 @@ features are concatenated in the shuffled order (9d) and one Linear layer scores
 permutations of the set, as VISSL's ResNet-50 Jigsaw (`siamese_concat_view` + `mlp`). The
 permutation set is the greedy maximal-Hamming construction of Noroozi & Favaro: start from a
 seeded random permutation, then repeatedly add the permutation whose minimum Hamming distance to
-those already chosen is largest (the first such in lexicographic order on ties).
+those already chosen is largest (the first such in lexicographic order on ties). Noroozi &
+Favaro's Algorithm 1 (and the common reimplementations) maximise the summed distance instead;
+for 1,000 permutations (seed 0) that gives mean distance 8.01 but pairs only 2 apart, while
+max-min gives mean 7.91 with every pair at least 5 apart.
 
 Checkpoint `heads` keys: `permutations` (P, 9) int64, the set in class order (row c is class c);
 `classifier.weight` (P, 9d) and `classifier.bias` (P,).
