@@ -31,6 +31,9 @@ def test_default_set_has_1000_distinct_permutations_and_is_deterministic() -> No
     assert len({tuple(p) for p in perms.tolist()}) == 1000
     assert all(sorted(p) == list(range(9)) for p in perms.tolist())
     assert torch.equal(perms, hamming_permutations(1000, 9, 0))
+    # brute force over all 499,500 pairs: max-min keeps every pair at least 5 apart
+    d = (perms[:, None, :] != perms[None, :, :]).sum(-1)
+    assert int(d[~torch.eye(1000, dtype=torch.bool)].min()) == 5
     assert not torch.equal(hamming_permutations(10, 9, 0), hamming_permutations(10, 9, 1))
 
 
