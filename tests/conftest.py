@@ -6,9 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pirl.data import embedded_images
+
+# Tiny tensors gain nothing from threads, and OpenMP's spinning threads slow a shared or
+# busy 2-core machine by an order of magnitude; one thread also makes runs repeatable.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
