@@ -4,8 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs
+# Encoders to compare, as NAME=PATH (any checkpoint format); empty: the embedded defaults.
+WEIGHTS ?=
+# Folder holding the benchmarks' data (see README); empty: the embedded data sets.
+DATA_ROOT ?=
+weights_flags = $(foreach w,$(WEIGHTS),--weights $(w))
 
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test bench lint table1 table2 table3 invariance
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,3 +33,29 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The embedded PIRL checkpoint that the tables use when WEIGHTS is empty (lowshot adds its
+# own random-init row on the embedded set).
+DEMO_CKPT := $(OUT)/demo/checkpoint.pth
+$(DEMO_CKPT): | $(STAMP)
+	$(BIN)/pirl-tools pretrain --out $(OUT)/demo
+EMBEDDED_WEIGHTS := pirl=$(DEMO_CKPT) random=random:resnet18@0.25
+table_weights = $(or $(WEIGHTS),$(EMBEDDED_WEIGHTS))
+table_deps = $(STAMP) $(if $(WEIGHTS),,$(DEMO_CKPT))
+
+table1: $(table_deps)
+	for w in $(table_weights); do \
+	  $(BIN)/pirl-tools transfer detection --weights $$w --out $(OUT)/detection/$${w%%=*} \
+	    $(if $(DATA_ROOT),--voc-root $(DATA_ROOT)/VOCdevkit) || exit 1; \
+	done
+	$(BIN)/pirl-tools transfer table1 $(OUT)/detection/* --out $(OUT)/tables
+
+table2: $(STAMP)
+	$(BIN)/python -m transfer.table2 $(weights_flags) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) --out $(OUT)/table2
+
+table3: $(table_deps)
+	$(BIN)/pirl-tools transfer lowshot $(foreach w,$(or $(WEIGHTS),pirl=$(DEMO_CKPT)),--weights $(w)) \
+	  $(if $(DATA_ROOT),--data $(DATA_ROOT)/imagenet) --out $(OUT)/lowshot
+
+invariance: $(STAMP)
+	$(BIN)/pirl-tools analyze invariance $(weights_flags) $(if $(DATA_ROOT),--data $(DATA_ROOT)/imagenet/val) --out $(OUT)/invariance
