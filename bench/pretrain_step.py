@@ -64,10 +64,13 @@ def cpu_seconds(fn: Callable[[], object], reps: int = 2) -> float:
     return best
 
 
-def timed(fn: Callable[[], object], reps: int = 3, sync: bool = False) -> tuple[float, float]:
+def timed(
+    fn: Callable[[], object], reps: int = 3, sync: bool = False, warm: bool = True
+) -> tuple[float, float]:
     """Median (wall, process CPU) seconds of fn over reps after one warm-up call. CPU time
     counts only this process's work, so other jobs on a shared machine inflate it far less."""
-    fn()
+    if warm:
+        fn()
     walls, cpus = [], []
     for _ in range(reps):
         if sync:
@@ -239,11 +242,13 @@ def step_rows(device: torch.device, batch: int, reps: int) -> tuple[list[str], f
 
     trunk.train()
     pick = 0 if cuda else 1  # GPU: wall time; CPU: process CPU time (robust to other jobs)
-    times: dict[str, list[float]] = {"bare": [], "full": [], "no_opt": []}
+    variants = {"bare": bare, "full": full, "no_opt": lambda: full(False)}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():
+        fn()  # warm-up (SGD momentum buffers, allocator, caches)
     for _ in range(reps):  # interleaved, so drift on a shared machine hits all three alike
-        times["bare"].append(timed(bare, 1, cuda)[pick])
-        times["full"].append(timed(full, 1, cuda)[pick])
-        times["no_opt"].append(timed(lambda: full(False), 1, cuda)[pick])
+        for k, fn in variants.items():
+            times[k].append(timed(fn, 1, cuda, warm=False)[pick])
     t_bare, t_full, t_no_opt = (float(np.median(times[k])) for k in ("bare", "full", "no_opt"))
     rows = [
         f"| step (ResNet-50, 224-px image + 9 x 64-px patches per sample) | "
@@ -304,7 +309,7 @@ def run(step_batch: int | None = None) -> str:
     aug_rows, aug_speedup = augmentation_rows()
     lm_rows = loss_memory_rows()
     startup = startup_seconds()
-    st_rows, step_rate = step_rows(device, batch, reps=5 if device.type == "cuda" else 2)
+    st_rows, step_rate = step_rows(device, batch, reps=5)
     ld_rows = loading_rows(step_rate)
     where = (
         torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
