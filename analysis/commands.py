@@ -18,6 +18,7 @@ from pirl.data import ImageList, cache_dir, embedded_root, list_images
 from pirl.errors import UserError
 from pirl.options import data_option, out_option, parse_weights, runtime_options, weights_option
 from pirl.runs import RunDir
+from pirl.tables import markdown_table
 from pirl.weights import load_encoder
 
 # The embedded demo's two models. Jigsaw uses 100 permutation classes rather than 1,000: its
@@ -66,19 +67,6 @@ def _splits(
             probe.classes,
         )
     return probe, train, test
-
-
-def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
-    """A pipe table (pandas' to_markdown needs tabulate, which we do not depend on)."""
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return "-" if math.isnan(v) else f"{v:.{digits}f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
 
 
 def _rows(
@@ -178,7 +166,7 @@ def invariance(
         rows += _rows(name, layers, knn)
     table = pd.DataFrame(rows)
     table.to_csv(run.path("invariance.csv"), index=False)
-    run.path("invariance.md").write_text(markdown_table(table))
+    run.path("invariance.md").write_text(markdown_table(table, digits=3))
     plot_histograms(results, run.path("histograms.png"))
     stages = table[table["layer"] != HEADS]
     plot_layer_curves(
@@ -197,5 +185,5 @@ def invariance(
             run.path("knn_by_layer.png"),
         )
     run.write_results({"models": table.to_dict(orient="records")})
-    click.echo(markdown_table(table), nl=False)
+    click.echo(markdown_table(table, digits=3), nl=False)
     click.echo(f"wrote {run.root}")

@@ -16,6 +16,7 @@ from sklearn.metrics import top_k_accuracy_score
 
 from pirl.data import list_images
 from pirl.errors import UserError
+from pirl.tables import markdown_table
 from pirl.weights import load_encoder
 from transfer.lowshot import (
     FineTuneNet,
@@ -29,7 +30,7 @@ from transfer.lowshot import (
     write_subset,
 )
 from transfer.lowshot_cli import lowshot
-from transfer.table3 import read_runs, table3, to_markdown
+from transfer.table3 import read_runs, table3
 
 SIZES = {0: 37, 1: 25, 2: 6, 3: 14}  # uneven on purpose: 25 at 10% is the half-up case
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -342,7 +343,7 @@ def test_table3_layout(tmp_path):
     (tmp_path / "other" / "results.json").write_text(json.dumps({"map": 1.0}))
     df = table3(read_runs([tmp_path]))
     assert list(df.columns) == ["Method", "1%", "10%"]
-    assert to_markdown(df) == (
+    assert markdown_table(df) == (
         "| Method | 1% | 10% |\n|---|---:|---:|\n| jigsaw | 45.3 | - |\n"
         "| npid | - | 81.5 |\n| pirl | 57.2 | 83.8 |\n"
     )

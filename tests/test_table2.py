@@ -4,8 +4,9 @@ import pandas as pd
 import pytest
 import torch
 
+from pirl.tables import markdown_table
 from transfer.datasets import build_embedded
-from transfer.table2 import assemble, build_table2, find_benchmarks, to_markdown
+from transfer.table2 import assemble, build_table2, find_benchmarks
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +35,7 @@ def test_assemble_paper_layout_with_gaps():
     ]
     assert table.iloc[0].tolist() == ["pirl", "25.6M", 63.6, 81.1, "-", "-"]
     assert table.iloc[1].tolist() == ["random", "0.7M", "-", 13.7, "-", "-"]
-    md = to_markdown(table).splitlines()
+    md = markdown_table(table).splitlines()
     assert md[0] == "| Method | Parameters | ImageNet | VOC07 | Places205 | iNat. |"
     assert md[3] == "| random | 0.7M | - | 13.7 | - | - |"
 

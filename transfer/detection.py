@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from pirl.errors import UserError
 from pirl.runs import RunDir, atomic_torch_save, resolve_device, seed_everything
+from pirl.tables import markdown_table
 from pirl.trunk import Trunk
 from transfer.voc_ap import Detections, write_devkit_detections
 from transfer.voc_detection import (
@@ -563,9 +564,4 @@ def run_detectron2(cfg: DetectionConfig) -> dict[str, Any]:
 
 def table1_markdown(table: pd.DataFrame) -> str:
     """The paper's Table 1 layout in Markdown (one decimal, as published)."""
-    head = "| Method | AP | AP50 | AP75 |\n|---|---|---|---|"
-    rows = [
-        markdown_row(r.Method, {"AP": r.AP, "AP50": r.AP50, "AP75": r.AP75})
-        for r in table.itertuples()
-    ]
-    return "\n".join([head, *rows])
+    return markdown_table(table[["Method", "AP", "AP50", "AP75"]])

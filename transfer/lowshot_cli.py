@@ -14,7 +14,8 @@ import click
 
 from pirl.errors import UserError
 from pirl.options import data_option, out_option, parse_weights, runtime_options, weights_option
-from transfer.table3 import table3, to_markdown, write_table3
+from pirl.tables import markdown_table
+from transfer.table3 import table3, write_table3
 
 
 def _encoders(weights: tuple[str, ...], embedded: bool, seed: int) -> list[tuple[str, str]]:
@@ -106,7 +107,7 @@ def lowshot(
         return
     df = table3(results)
     md, csv = write_table3(df, out)
-    click.echo(to_markdown(df), nl=False)
+    click.echo(markdown_table(df), nl=False)
     click.echo(f"tables: {md} {csv}")
 
 

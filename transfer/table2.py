@@ -22,6 +22,7 @@ import click
 import pandas as pd
 
 from pirl.errors import UserError
+from pirl.tables import markdown_table
 from transfer.commands import method_and_path, run_linear
 from transfer.datasets import BENCHMARKS, SPLITS, load_split
 
@@ -56,13 +57,6 @@ def assemble(results: list[dict]) -> pd.DataFrame:
         row[COLUMNS[r["benchmark"]]] = round(float(r["value"]), 1)
     table = pd.DataFrame(list(rows.values()), columns=["Method", "Parameters", *COLUMNS.values()])
     return table.astype(object).fillna("-")
-
-
-def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub Markdown table (pandas' to_markdown needs the optional tabulate package)."""
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def pretrained_embedded(out: Path) -> tuple[str | None, str]:
@@ -134,7 +128,7 @@ def build_table2(
     lines = [
         f"# Table 2: linear probes ({layer}; data: {source})",
         "",
-        to_markdown(table),
+        markdown_table(table),
         "",
     ]
     lines += [f"- {n}" for n in notes]
@@ -179,7 +173,7 @@ def main(weights, data_root, out, layer, epochs, augment, device, pretrain) -> N
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    click.echo(to_markdown(table))
+    click.echo(markdown_table(table))
     for n in notes:
         click.echo(n)
     click.echo(f"wrote {out / 'table2.md'} and {out / 'table2.csv'}")

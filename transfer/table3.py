@@ -14,6 +14,7 @@ import click
 import pandas as pd
 
 from pirl.errors import UserError
+from pirl.tables import markdown_table
 
 
 def percent_label(percent: float) -> str:
@@ -66,26 +67,12 @@ def table3(rows: Iterable[Mapping[str, Any]], metric: str = "top5") -> pd.DataFr
     return pd.DataFrame({"Method": methods, **data})
 
 
-def to_markdown(df: pd.DataFrame, digits: int = 1) -> str:
-    """A GitHub Markdown table, numbers right-aligned to `digits` decimals, gaps as '-'."""
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return "-" if math.isnan(v) else f"{v:.{digits}f}"
-        return str(v)
-
-    head = "| " + " | ".join(df.columns) + " |"
-    rule = "|" + "|".join("---" if c == "Method" else "---:" for c in df.columns) + "|"
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join([head, rule, *body]) + "\n"
-
-
 def write_table3(df: pd.DataFrame, out: str | Path, stem: str = "table3") -> tuple[Path, Path]:
     """Write OUT/table3.md and OUT/table3.csv."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md, csv = out / f"{stem}.md", out / f"{stem}.csv"
-    md.write_text("Semi-supervised fine-tuning, top-5 accuracy (%)\n\n" + to_markdown(df))
+    md.write_text("Semi-supervised fine-tuning, top-5 accuracy (%)\n\n" + markdown_table(df))
     df.to_csv(csv, index=False, float_format="%.2f")
     return md, csv
 
