@@ -321,7 +321,8 @@ def run(step_batch: int | None = None) -> str:
             f"One run on {where}, {torch.get_num_threads()} torch threads, "
             f"{time.perf_counter() - t0:.0f} s in all. Targets: batched augmentation >= 10x "
             "the PIL path per core, loss + memory <= 0.03 s per batch of 8, start-up < 2 s, "
-            "full step <= 1.05x a bare trunk forward + backward.",
+            "full step <= 1.05x a bare trunk forward + backward. Reproduce: "
+            "`python -m bench.pretrain_step` (or `make bench`).",
             "",
             "### Augmentation per core",
             "",
