@@ -14,7 +14,7 @@ import pandas as pd
 from analysis.invariance import HEADS, STAGES, LayerInvariance, Runtime, encoder_invariance
 from analysis.knn import KS, encoder_knn
 from analysis.plots import plot_histograms, plot_layer_curves
-from pirl.data import ImageList, cache_dir, embedded_root, list_images
+from pirl.data import ImageList, embedded_root, list_images
 from pirl.errors import UserError
 from pirl.options import data_option, out_option, parse_weights, runtime_options, weights_option
 from pirl.runs import RunDir
@@ -28,25 +28,13 @@ EMBEDDED_SIZE = 64
 
 
 def embedded_checkpoints(device: str, num_workers: int) -> list[tuple[str, str]]:
-    """Checkpoints of the embedded pretraining of PIRL and Jigsaw, trained into the cache once
-    (an interrupted run resumes)."""
-    from pirl.train import PretrainConfig, pretrain
+    """Checkpoints of the embedded pretraining of PIRL and Jigsaw (trained once, cached)."""
+    from pirl.train import embedded_checkpoint
 
-    out = []
-    for method, extra in EMBEDDED_METHODS.items():
-        run = cache_dir() / "invariance" / method
-        ckpt = run / "checkpoint.pth"
-        cfg = PretrainConfig(
-            out=str(run),
-            method=method,
-            device=device,
-            num_workers=num_workers,
-            resume=ckpt.exists(),
-            **extra,
-        )
-        pretrain(cfg)
-        out.append((method, str(ckpt)))
-    return out
+    return [
+        (method, str(embedded_checkpoint(method, device, num_workers, **extra)))
+        for method, extra in EMBEDDED_METHODS.items()
+    ]
 
 
 def _splits(

@@ -7,6 +7,7 @@ Run with `pirl-tools pretrain ...`, `pirl-tools pretrain --nproc K ...`, or
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -23,7 +24,14 @@ from torch import nn
 from tqdm import tqdm
 
 from pirl.augment import BatchAugment, CropTransform
-from pirl.data import ImageDataset, ImageList, collate_skipping, embedded_root, list_images
+from pirl.data import (
+    ImageDataset,
+    ImageList,
+    cache_dir,
+    collate_skipping,
+    embedded_root,
+    list_images,
+)
 from pirl.errors import UserError
 from pirl.heads import PirlHeads
 from pirl.jigsaw import JigsawGeometry, PirlTransform
@@ -414,6 +422,27 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
                 f" ({skipped} unreadable images skipped)" if skipped else "",
             )
     return trainer
+
+
+def embedded_checkpoint(
+    method: str = "pirl", device: str = "auto", num_workers: int = 2, **overrides: Any
+) -> Path:
+    """The embedded pretraining of `method`, trained once into the cache (resumed if it was cut
+    short), so every table and analysis that compares against it shares one run."""
+    digest = hashlib.sha1(repr(sorted(overrides.items())).encode()).hexdigest()[:10]
+    tag = f"{method}-{digest}" if overrides else method
+    run = cache_dir() / "pretrained" / tag
+    ckpt = run / "checkpoint.pth"
+    cfg = PretrainConfig(
+        out=str(run),
+        method=method,
+        device=device,
+        num_workers=num_workers,
+        resume=ckpt.exists(),
+        **overrides,
+    )
+    pretrain(cfg)
+    return ckpt
 
 
 def free_port() -> int:

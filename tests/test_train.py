@@ -147,9 +147,10 @@ def test_pil_augment_path_still_trains_and_unknown_path_is_rejected(
     tiny_folder: Path, tmp_path: Path
 ) -> None:
     trainer = pretrain(tiny_config(tiny_folder, tmp_path / "pil", epochs=1, augment="pil"))
-    assert trainer.step == 3 and read_checkpoint(tmp_path / "pil" / "checkpoint.pth")["config"][
-        "augment"
-    ] == "pil"
+    assert (
+        trainer.step == 3
+        and read_checkpoint(tmp_path / "pil" / "checkpoint.pth")["config"]["augment"] == "pil"
+    )
     with pytest.raises(UserError, match="--augment gpu: choose from"):
         pretrain(tiny_config(tiny_folder, tmp_path / "bad", augment="gpu"))
 
@@ -167,3 +168,19 @@ def test_half_bank_and_shared_negatives_train_and_checkpoint(
     torch.testing.assert_close(bank.float().norm(dim=1), torch.ones(48), rtol=0, atol=1e-2)
     with pytest.raises(UserError, match="--bank-dtype float8: choose from"):
         pretrain(tiny_config(tiny_folder, tmp_path / "bad", bank_dtype="float8"))
+
+
+def test_embedded_checkpoint_is_trained_once_and_shared(tiny_folder: Path, monkeypatch) -> None:
+    small = dict(
+        data=str(tiny_folder),
+        arch="resnet18",
+        width=0.125,
+        image_size=32,
+        epochs=1,
+        batch_size=16,
+        num_negatives=32,
+    )
+    first = train.embedded_checkpoint("pirl", "cpu", 0, **small)
+    assert read_checkpoint(first)["epoch"] == 1
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda *a, **k: pytest.fail("trained again"))
+    assert train.embedded_checkpoint("pirl", "cpu", 0, **small) == first

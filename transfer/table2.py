@@ -7,14 +7,13 @@ DIR of --data-root holds voc07/, imagenet/, places205/, inat18/, each in its rea
 reason. With no --data-root the embedded set is used (600 packaged digits-on-photos images in
 the four layouts, probes on cached centre-crop features); with no --weights the rows are a
 randomly initialised trunk (the floor) and, unless --no-pretrain, a PIRL model pretrained on
-the embedded set by `pirl-tools pretrain` (reused from OUT/pretrain when already there).
+the embedded set (pirl.train.embedded_checkpoint: trained once into the cache, then reused).
 Writes OUT/table2.md and OUT/table2.csv (Method, Parameters, ImageNet, VOC07, Places205, iNat.)
 and one run folder per (method, benchmark) under OUT/runs.
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -59,24 +58,14 @@ def assemble(results: list[dict]) -> pd.DataFrame:
     return table.astype(object).fillna("-")
 
 
-def pretrained_embedded(out: Path) -> tuple[str | None, str]:
-    """A PIRL checkpoint from the embedded pretraining: reuse OUT/pretrain or run it once."""
-    ckpt = out / "pretrain" / "checkpoint.pth"
-    if ckpt.is_file():
-        return str(ckpt), ""
-    cmd = [
-        sys.executable,
-        "-c",
-        "from pirl.cli import main; main()",
-        "pretrain",
-        "--out",
-        str(ckpt.parent),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not ckpt.is_file():
-        last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return None, f"pirl: skipped, embedded pretraining failed ({last[0]})"
-    return str(ckpt), ""
+def pretrained_embedded(device: str) -> tuple[str | None, str]:
+    """The shared embedded PIRL checkpoint, or why there is none (the table goes on without)."""
+    from pirl.train import embedded_checkpoint
+
+    try:
+        return str(embedded_checkpoint("pirl", device)), ""
+    except UserError as exc:
+        return None, f"pirl: skipped, embedded pretraining failed ({exc})"
 
 
 def build_table2(
@@ -100,7 +89,7 @@ def build_table2(
     if not weights:
         weights = [RANDOM_SPEC]
         if pretrain:
-            ckpt, why = pretrained_embedded(out)
+            ckpt, why = pretrained_embedded(device)
             weights += [f"pirl={ckpt}"] if ckpt else []
             notes += [why] if why else []
     results = []
