@@ -309,7 +309,13 @@ def run(step_batch: int | None = None) -> str:
     aug_rows, aug_speedup = augmentation_rows()
     lm_rows = loss_memory_rows()
     startup = startup_seconds()
-    st_rows, step_rate = step_rows(device, batch, reps=5)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # one thread: OpenMP spin-waits inflate CPU time on a busy machine
+        torch.set_num_threads(1)
+    try:
+        st_rows, step_rate = step_rows(device, batch, reps=5)
+    finally:
+        torch.set_num_threads(threads)
     ld_rows = loading_rows(step_rate)
     where = (
         torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
@@ -339,7 +345,8 @@ def run(step_batch: int | None = None) -> str:
             f"{torch.get_num_threads()} threads (no sampler object: negatives are one "
             "vectorised randint per term and step).",
             "",
-            f"### Step overhead (batch {batch}, {device.type})",
+            f"### Step overhead (batch {batch}, {device.type}"
+            f"{'' if device.type == 'cuda' else ', 1 thread'})",
             "",
             *st_rows,
             "",
