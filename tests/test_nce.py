@@ -81,8 +81,9 @@ def test_shared_negatives_use_one_draw_per_term_and_batch() -> None:
     bank = MemoryBank(200, dim=8, seed=1)
     f = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
     idx = torch.tensor([4, 50, 7])
-    crit = PirlLoss(bank, num_negatives=25, temperature=0.1, lam=0.0, loss="infonce",
-                    shared_negatives=True)
+    crit = PirlLoss(
+        bank, num_negatives=25, temperature=0.1, lam=0.0, loss="infonce", shared_negatives=True
+    )
     got = crit(f, None, idx, torch.Generator().manual_seed(2)).item()
     neg_idx = bank.sample((25,), torch.Generator().manual_seed(2))  # the f term's draw
     m, z = bank.bank.double().numpy(), f.double().numpy()
