@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -19,6 +20,26 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
+    """Join the process group torchrun (or our spawner) describes in the environment, if any,
+    and return (rank, world size, this process's device: cuda:LOCAL_RANK under DDP on GPU)."""
+    dev = resolve_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    rank, size = world()
+    if dev.type == "cuda" and size > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(dev)
+    return rank, size, dev
 
 
 def seed_everything(seed: int) -> None:

@@ -44,7 +44,7 @@ from pirl.jigsaw_pretext import (
 )
 from pirl.memory import BANK_DTYPES, MemoryBank
 from pirl.nce import PirlLoss
-from pirl.runs import RunDir, atomic_torch_save, resolve_device, seed_everything
+from pirl.runs import RunDir, atomic_torch_save, seed_everything, setup_distributed
 from pirl.trunk import Trunk, build_trunk
 from pirl.weights import read_checkpoint
 
@@ -170,7 +170,8 @@ def cosine_lr(step: int, total: int, base: float, final_ratio: float) -> float:
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(step, total) / total))
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch on one rank: what makes a resumed epoch repeat exactly."""
     return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % 2**63
 
 
@@ -232,7 +233,7 @@ def build_loader(
         transform = CropTransform(geometry, with_patches)
     dataset = ImageDataset(images, transform, skip_bad=cfg.skip_bad_images)
     per_rank = max(1, cfg.batch_size // world)
-    gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, rank))
+    gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, rank))
     sampler = None
     if world > 1:
         sampler = torch.utils.data.DistributedSampler(
@@ -311,23 +312,10 @@ def make_trainer(cfg: PretrainConfig, data_size: int, device: torch.device) -> T
     return Trainer(cfg, model, memory, criterion, optimizer)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def pretrain(cfg: PretrainConfig) -> Trainer:
     """Run (or resume) pretraining; rank 0 writes checkpoint.pth and metrics.csv each epoch."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        device = resolve_device(cfg.device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world = _world()
+    rank, world, device = setup_distributed(cfg.device)
     cfg = cfg.resolved()
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        torch.cuda.set_device(device)
     images = preflight(cfg)
     run = RunDir(cfg.out)
     ckpt_path = run.path("checkpoint.pth")
@@ -359,10 +347,10 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
         augment = BatchAugment(JigsawGeometry.for_image_size(cfg.image_size))
     while trainer.epoch < cfg.epochs:
         epoch = trainer.epoch
-        seed_everything(_epoch_seed(cfg.seed, epoch, rank))
+        seed_everything(epoch_seed(cfg.seed, epoch, rank))
         # Negatives are drawn on the training device: B*N indices per term need not cross.
-        neg_gen = torch.Generator(device).manual_seed(_epoch_seed(cfg.seed + 1, epoch, 0))
-        aug_gen = torch.Generator().manual_seed(_epoch_seed(cfg.seed + 2, epoch, rank))
+        neg_gen = torch.Generator(device).manual_seed(epoch_seed(cfg.seed + 1, epoch, 0))
+        aug_gen = torch.Generator().manual_seed(epoch_seed(cfg.seed + 2, epoch, rank))
         loader = build_loader(cfg, epoch, rank, world, with_patches)
         model.train()
         seen, skipped, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -35,7 +34,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
 from tqdm import tqdm
 
 from pirl.errors import UserError
-from pirl.runs import RunDir, atomic_torch_save, resolve_device, seed_everything
+from pirl.runs import RunDir, atomic_torch_save, seed_everything, setup_distributed
 from pirl.tables import markdown_table
 from pirl.trunk import Trunk
 from transfer.voc_ap import Detections, write_devkit_detections
@@ -245,15 +244,6 @@ class DetectionConfig:
     backend: str = "torchvision"
 
 
-def _dist_info() -> tuple[int, int, int]:
-    """(rank, world size, local rank), starting the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    return rank, world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def _endless_batches(
     dataset: VocDetectionDataset, per_rank: int, seed: int, start: int, rank: int, world: int,
     num_workers: int,
@@ -338,15 +328,11 @@ def run_detection(cfg: DetectionConfig) -> dict[str, Any]:
     """Fine-tune the C4 detector from the encoder, test it, write the run folder."""
     if cfg.backend == "detectron2":
         return run_detectron2(cfg)
-    rank, world, local_rank = _dist_info()
+    rank, world, device = setup_distributed(cfg.device)
     sched = cfg.schedule
     if sched.batch_size % world:
         raise UserError(f"--batch-size {sched.batch_size} is not divisible by {world} processes")
     per_rank = sched.batch_size // world
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
     seed_everything(cfg.seed + rank)
     devkit, train, test, year, split = _splits(cfg)
     classes = voc_classes(train + test)

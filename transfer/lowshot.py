@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -35,8 +34,15 @@ from tqdm import tqdm
 from pirl.data import ImageDataset, ImageList, embedded_root, list_images
 from pirl.errors import UserError
 from pirl.features import IMAGENET_MEAN, IMAGENET_STD, center_crop_transform
-from pirl.runs import RunDir, atomic_torch_save, atomic_write_bytes, resolve_device, seed_everything
-from pirl.train import _epoch_seed, param_groups, read_checkpoint
+from pirl.runs import (
+    RunDir,
+    atomic_torch_save,
+    atomic_write_bytes,
+    seed_everything,
+    setup_distributed,
+)
+from pirl.runs import world as runs_world
+from pirl.train import epoch_seed, param_groups, read_checkpoint
 from pirl.trunk import Trunk
 from pirl.weights import load_encoder
 
@@ -268,12 +274,6 @@ def lr_factor(epoch: int, milestones: list[int]) -> float:
     return 0.1 ** sum(epoch >= m for m in milestones)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def load_data(cfg: LowshotConfig) -> tuple[ImageList, ImageList, Subset]:
     """The labelled training set, the validation set (same class indices) and the subset."""
     root = Path(cfg.data)
@@ -329,7 +329,7 @@ def predict(
     workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validation logits and labels; under DDP each rank scores every world-th image."""
-    rank, world = _world()
+    rank, world = runs_world()
     mine = list(range(rank, len(images), world))
     dataset = ImageDataset(take(images, mine), center_crop_transform(size))
     model.eval()
@@ -406,14 +406,8 @@ def _optimizer(model: FineTuneNet, cfg: LowshotConfig) -> torch.optim.SGD:
 
 def finetune(cfg: LowshotConfig) -> dict[str, Any]:
     """Fine-tune one encoder on the subset, evaluate on val; rank 0 writes the run folder."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if resolve_device(cfg.device).type == "cuda" else "gloo")
-    rank, world = _world()
+    rank, world, device = setup_distributed(cfg.device)
     cfg = cfg.resolved()
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        torch.cuda.set_device(device)
     train, val, subset = load_data(cfg)
     run = RunDir(cfg.out)
     ckpt_path = run.path("checkpoint.pth")
@@ -451,7 +445,7 @@ def finetune(cfg: LowshotConfig) -> dict[str, Any]:
     per_rank = max(1, cfg.batch_size // world)
     criterion = nn.CrossEntropyLoss()
     for epoch in range(start, cfg.epochs):
-        seed_everything(_epoch_seed(cfg.seed, epoch, rank))
+        seed_everything(epoch_seed(cfg.seed, epoch, rank))
         sampler = None
         if world > 1:
             sampler = torch.utils.data.DistributedSampler(
@@ -462,7 +456,7 @@ def finetune(cfg: LowshotConfig) -> dict[str, Any]:
             dataset,
             per_rank,
             True,
-            _epoch_seed(cfg.seed, epoch, rank),
+            epoch_seed(cfg.seed, epoch, rank),
             sampler,
             cfg.num_workers,
             drop_last=len(dataset) > per_rank * world,
