@@ -91,7 +91,7 @@ def solve_squared_hinge(
         slack, d, grad = slack[:, keep], d[:, keep], grad[keep]
         forcing = (gnorm[keep] / g0[todo]).sqrt().clamp(max=0.5)
         step, fstep, n_cg = _cg(feats, d, grad, max_cg, forcing)
-        t = _line_search(zt, step, mt, fstep, yt, ct)
+        t = _line_search((zt * step).sum(1), (step * step).sum(1), mt, fstep, yt, ct)
         z[todo] = zt + t[:, None] * step
         m[:, todo] = mt + t[None, :] * fstep
         if stats is not None:
@@ -137,39 +137,111 @@ def _cg(
 
 
 def _line_search(
-    z: torch.Tensor,
-    s: torch.Tensor,
+    zs: torch.Tensor,
+    ss: torch.Tensor,
     m: torch.Tensor,
     fs: torch.Tensor,
     y: torch.Tensor,
     cw: torch.Tensor,
     steps: int = 8,
 ) -> torch.Tensor:
-    """Exact minimiser of the piecewise-quadratic objective along z + t s (1-D Newton)."""
-    zs, ss = (z * s).sum(1), (s * s).sum(1)
+    """Exact minimiser of the piecewise-quadratic objective along z + t s (1-D Newton).
+
+    zs = z.s and ss = s.s per column (in w space), m and fs the scores of z and s."""
     ym, yfs = y * m, y * fs
     t = torch.ones_like(zs)
     for _ in range(steps):
         slack = 1 - ym - t[None, :] * yfs
-        act = (slack > 0).to(z.dtype)
+        act = (slack > 0).to(m.dtype)
         d1 = zs + t * ss - 2 * (cw * act * slack * yfs).sum(0)
         d2 = ss + 2 * (cw * act * yfs * yfs).sum(0)
         t = t - d1 / d2.clamp_min(1e-30)
     return t
 
 
-def _cholesky(gram: torch.Tensor) -> torch.Tensor:
-    """Cholesky factor of a Gram matrix in float64, with the smallest jitter that makes it PD."""
-    g = gram.double()
-    jitter = 1e-6 * g.diagonal().mean().item()
-    for _ in range(8):
-        factor, info = torch.linalg.cholesky_ex(
-            g + jitter * torch.eye(len(g), dtype=g.dtype, device=g.device)
-        )
-        if int(info) == 0:
-            return factor.to(gram.dtype)
-        jitter *= 10
-    raise RuntimeError("Gram matrix is not positive definite even with jitter")
+def solve_kernel_squared_hinge(
+    gram: torch.Tensor,
+    y: torch.Tensor,
+    cw: torch.Tensor,
+    tol: float = 1e-4,
+    max_newton: int = 50,
+    max_cg: int = 100,
+    stats: SolverStats | None = None,
+    beta0: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The same problems as solve_squared_hinge with w = X^T beta, from the Gram matrix alone.
+
+    gram (n, n) = X X^T + 1, y and cw (n, P) as there. Returns beta (n, P); scores are
+    gram_eval @ beta. The iterates are those of Newton-CG in the Cholesky basis (z = L^T beta),
+    but CG runs in the K inner product and tracks K times its residual and direction, so an
+    iteration costs ONE product with the Gram matrix instead of two with L, and no
+    factorisation is needed: the CV folds use sub-blocks of one Gram matrix as they are.
+    """
+    n, p_count = y.shape
+    beta = gram.new_zeros(n, p_count) if beta0 is None else beta0.clone()
+    out = gram @ beta  # K beta: the scores on the training points
+    cy = 2 * cw * y
+    g0 = (cy * (gram @ cy)).sum(0).clamp_min(1e-30).sqrt()  # gradient norm at beta = 0
+    todo = torch.arange(p_count, device=gram.device)
+    for it in range(max_newton):
+        bt, ot, yt, ct = beta[:, todo], out[:, todo], y[:, todo], cw[:, todo]
+        slack = (1 - yt * ot).clamp_min(0)
+        grad = bt - 2 * ct * slack * yt  # the w-space gradient is X^T grad
+        kgrad = gram @ grad
+        gnorm = (grad * kgrad).sum(0).clamp_min(0).sqrt()
+        keep = gnorm > tol * g0[todo]
+        if not keep.any():
+            break
+        todo, bt, ot, yt, ct = todo[keep], bt[:, keep], ot[:, keep], yt[:, keep], ct[:, keep]
+        slack, grad, kgrad, gnorm = slack[:, keep], grad[:, keep], kgrad[:, keep], gnorm[keep]
+        forcing = (gnorm / g0[todo]).sqrt().clamp(max=0.5)
+        d = 2 * ct * (slack > 0).to(gram.dtype)  # Hessian weights
+        step, kstep, n_cg = _kernel_cg(gram, d, grad, kgrad, max_cg, forcing * gnorm)
+        t = _line_search((ot * step).sum(0), (step * kstep).sum(0), ot, kstep, yt, ct)
+        beta[:, todo] = bt + t[None, :] * step
+        out[:, todo] = ot + t[None, :] * kstep
+        if stats is not None:
+            stats.newton = it + 1
+            stats.cg = max(stats.cg, n_cg)
+            stats.products += len(todo) * (n_cg + 1)
+    return beta
+
+
+def _kernel_cg(
+    gram: torch.Tensor,
+    d: torch.Tensor,
+    grad: torch.Tensor,
+    kgrad: torch.Tensor,
+    max_cg: int,
+    stop: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Solve (I + D K) s = -grad per column by CG in the K inner product; also return K s.
+
+    This is CG on (I + L^T D L) in the Cholesky basis written for beta-space vectors; the
+    residual and direction carry their K products, updated with the one new product K D K p."""
+    s = torch.zeros_like(grad)
+    ks = torch.zeros_like(grad)
+    res, kres = -grad, -kgrad
+    direction, kdir = res, kres
+    rr = (res * kres).sum(0)
+    it = 0
+    while it < max_cg:
+        it += 1
+        q = d * kdir
+        kq = gram @ q
+        alpha = rr / ((direction * kdir).sum(0) + (kdir * q).sum(0)).clamp_min(1e-30)
+        alpha = torch.where(rr.clamp_min(0).sqrt() > stop, alpha, torch.zeros_like(alpha))
+        s = s + alpha * direction
+        ks = ks + alpha * kdir
+        res = res - alpha * (direction + q)
+        kres = kres - alpha * (kdir + kq)
+        rr_new = (res * kres).sum(0)
+        if (rr_new.clamp_min(0).sqrt() <= stop).all():
+            break
+        ratio = rr_new / rr.clamp_min(1e-30)
+        direction, kdir = res + ratio * direction, kres + ratio * kdir
+        rr = rr_new
+    return s, ks, it
 
 
 def fit_path(
@@ -178,7 +250,7 @@ def fit_path(
     weight: torch.Tensor,
     costs: tuple[float, ...],
     x_eval: torch.Tensor,
-    gram: tuple[torch.Tensor, torch.Tensor] | None = None,
+    gram: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     tol: float = 1e-4,
     stats: SolverStats | None = None,
 ) -> torch.Tensor:
@@ -186,27 +258,36 @@ def fit_path(
     one) and return the scores w.x + b on x_eval, shape (len(costs), m, columns).
 
     y (n, K) in {+1, -1}; weight (n, K) the class weights; gram optionally the
-    (train x train, eval x train) blocks of X X^T + 1 when already computed. Warm starting
-    along the cost path needs several times fewer Newton-CG products than cold starts.
+    (train x train, eval x train or None) blocks of X X^T + 1 when already computed. Warm
+    starting along the cost path needs several times fewer Newton-CG products than cold starts.
     """
     n, dim = x_train.shape
     kernel = n <= dim + 1
-    if kernel:
-        if gram is None:
-            gram = (x_train @ x_train.T + 1, x_eval @ x_train.T + 1)
-        feats = _cholesky(gram[0])
-    else:
-        feats = torch.cat([x_train, x_train.new_ones(n, 1)], 1)
+    if kernel and gram is None:
+        gram = (x_train @ x_train.T + 1, None)
+    feats = None if kernel else torch.cat([x_train, x_train.new_ones(n, 1)], 1)
     out = x_eval.new_empty(len(costs), len(x_eval), y.shape[1])
     z = None
     for i, cost in enumerate(costs):
-        z = solve_squared_hinge(feats, y, weight * cost, tol=tol, stats=stats, z0=z)
         if kernel:
-            beta = torch.linalg.solve_triangular(feats.T, z.T, upper=True)  # w = X^T beta
-            out[i] = gram[1] @ beta
+            z = solve_kernel_squared_hinge(gram[0], y, weight * cost, tol, stats=stats, beta0=z)
+            # w = X^T beta, b = sum(beta): cheaper than an eval x train Gram block
+            out[i] = x_eval @ (x_train.T @ z) + z.sum(0) if gram[1] is None else gram[1] @ z
         else:
+            z = solve_squared_hinge(feats, y, weight * cost, tol=tol, stats=stats, z0=z)
             out[i] = x_eval @ z[:, :-1].T + z[:, -1]
     return out
+
+
+def _gram(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """X X^T + 1 from the lower block-triangle only, mirrored: ~40% fewer flops than X @ X.T."""
+    n = len(x)
+    gram = x.new_empty(n, n)
+    for i in range(0, n, block):
+        j = min(i + block, n)
+        gram[i:j, :j] = x[i:j] @ x[:j].T
+        gram[:i, i:j] = gram[i:j, :i].T
+    return gram.add_(1)
 
 
 def kfold(n: int, folds: int = 3) -> list[np.ndarray]:
@@ -246,7 +327,7 @@ def voc07_svm(
     costs = tuple(sorted(costs))
     weight = torch.where(ytr > 0, pos_weight, 1.0)
     small = n <= xtr.shape[1] + 1
-    gram = xtr @ xtr.T + 1 if small else None
+    gram = _gram(xtr) if small else None
     cv = torch.zeros(len(costs), k, device=dev)
     for val in kfold(n, folds):
         mask = np.ones(n, dtype=bool)
@@ -258,7 +339,7 @@ def voc07_svm(
         for i in range(len(costs)):
             cv[i] += envelope_ap(scores[i], ytr[va])
     best = cv.argmax(0)  # first maximum: the smallest cost on ties
-    blocks = (gram, xte @ xtr.T + 1) if small else None
+    blocks = (gram, None) if small else None
     used = costs[: int(best.max()) + 1]
     scores = fit_path(xtr, ytr, weight, used, xte, blocks, stats=stats)
     chosen = scores[best, :, torch.arange(k, device=dev)].T  # (m, k): each class at its cost
