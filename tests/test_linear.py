@@ -73,11 +73,18 @@ def test_gram_path_gives_liblinear_scores_when_samples_are_fewer_than_dims():
     x = rng.standard_normal((40, 100))
     y = np.where(x[:, 0] + 0.5 * rng.standard_normal(40) > 0, 1, -1)
     x_eval = rng.standard_normal((15, 100))
-    ref = LinearSVC(C=1.0, class_weight={1: 2, -1: 1}, tol=1e-8, max_iter=100000).fit(x, y)
     cw = torch.tensor(np.where(y > 0, 2.0, 1.0))[:, None]  # class weights; costs below
     yt = torch.tensor(y, dtype=torch.float64)[:, None]
-    got = fit_path(torch.tensor(x), yt, cw, (0.1, 1.0), torch.tensor(x_eval), tol=1e-8)
-    np.testing.assert_allclose(got[1, :, 0].numpy(), ref.decision_function(x_eval), atol=1e-4)
+    costs = (0.1, 1.0, 1000.0)  # 1000: the separable, worst-conditioned end of the path
+    got = fit_path(torch.tensor(x), yt, cw, costs, torch.tensor(x_eval), tol=1e-8)
+    # the same through precomputed Gram blocks (as the CV folds and refit call it)
+    gram = (torch.tensor(x @ x.T + 1), torch.tensor(x_eval @ x.T + 1))
+    via_blocks = fit_path(torch.tensor(x), yt, cw, costs, torch.tensor(x_eval), gram, tol=1e-8)
+    for i, c in enumerate(costs):
+        ref = LinearSVC(C=c, class_weight={1: 2, -1: 1}, tol=1e-8, max_iter=1000000).fit(x, y)
+        want = ref.decision_function(x_eval)
+        np.testing.assert_allclose(got[i, :, 0].numpy(), want, atol=1e-4)
+        np.testing.assert_allclose(via_blocks[i, :, 0].numpy(), want, atol=1e-4)
 
 
 def _features(n, d, k, seed):

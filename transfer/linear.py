@@ -4,14 +4,17 @@ and the BatchNorm + Linear classifier of the ImageNet, Places205 and iNat18 benc
 SVM: each problem is LinearSVC's primal (squared hinge, L2, bias as a regularised constant feature
 with intercept_scaling=1):  0.5 ||w||^2 + sum_i C cw_i max(0, 1 - y_i (w.x_i + b))^2,
 cw_i = 2 for positives. When there are fewer samples than dims the problem is solved exactly
-in the span of the samples: with K = X X^T + 1 = L L^T, w = X^T L^-T z turns it into the same
-objective over z with features L (n x n), so the 3 CV folds and the refit share one Gram
-matrix. The solver is truncated Newton with conjugate gradients and an exact line search
-(Chapelle 2007, "Training a support vector machine in the primal"), batched over all pairs.
+in the span of the samples, w = X^T beta, from K = X X^T + 1 alone: it is computed once for
+trainval, the 3 CV folds use its sub-blocks, and scores are K_eval beta (CV) or
+x.(X^T beta) + sum(beta) (test). The solver is truncated Newton with conjugate gradients and an
+exact line search (Chapelle 2007, "Training a support vector machine in the primal"), batched
+over all classes; CG runs in the K inner product so each iteration costs one (n x n) @ (n x 20)
+product. Otherwise it runs on the features with an appended constant 1.
 
 The costs are solved in ascending order, each warm-started from the previous solution (all
 classes batched), which needs several times fewer matrix products than solving all (class,
-cost) pairs from zero at once.
+cost) pairs from zero at once, and more than pays for the narrower (20- instead of
+220-column) products.
 
 Protocol (VISSL's VOC07 SVM): features L2-normalised, costs COSTS, 3-fold CV by AP per
 class, refit on trainval with the best cost (the smallest on ties), mAP on test; difficult
