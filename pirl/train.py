@@ -220,10 +220,9 @@ class Trainer:
 
 
 def build_loader(
-    cfg: PretrainConfig, epoch: int, rank: int, world: int, with_patches: bool
+    cfg: PretrainConfig, images: ImageList, epoch: int, rank: int, world: int, with_patches: bool
 ) -> torch.utils.data.DataLoader:
     """The epoch's loader; its shuffling and augmentation seeds depend on (seed, epoch) only."""
-    images = list_images(cfg.data)
     geometry = JigsawGeometry.for_image_size(cfg.image_size)
     if cfg.method == "jigsaw":
         transform = JigsawTransform(geometry, hamming_permutations(cfg.num_permutations))
@@ -339,7 +338,7 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
         model = nn.parallel.DistributedDataParallel(
             trainer.model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    steps_per_epoch = len(build_loader(cfg, 0, rank, world, with_patches))
+    steps_per_epoch = len(build_loader(cfg, images, 0, rank, world, with_patches))
     total = steps_per_epoch * cfg.epochs
     amp = cfg.amp and device.type == "cuda"
     augment = None
@@ -351,7 +350,7 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
         # Negatives are drawn on the training device: B*N indices per term need not cross.
         neg_gen = torch.Generator(device).manual_seed(epoch_seed(cfg.seed + 1, epoch, 0))
         aug_gen = torch.Generator().manual_seed(epoch_seed(cfg.seed + 2, epoch, rank))
-        loader = build_loader(cfg, epoch, rank, world, with_patches)
+        loader = build_loader(cfg, images, epoch, rank, world, with_patches)
         model.train()
         seen, skipped, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, leave=False)
@@ -372,9 +371,10 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
                 loss = trainer.criterion(f.float(), perm_b.to(device))
             else:
                 loss = trainer.criterion(f.float(), None if g is None else g.float(), idx, neg_gen)
-            if not torch.isfinite(loss):
+            value = loss.item()  # the step's one host sync: NaN check and logging
+            if not math.isfinite(value):
                 raise UserError(
-                    f"{cfg.out}: loss became {loss.item()} at epoch {epoch + 1}, step "
+                    f"{cfg.out}: loss became {value} at epoch {epoch + 1}, step "
                     f"{trainer.step}; stopped, last good checkpoint kept at {ckpt_path}"
                 )
             trainer.optimizer.zero_grad(set_to_none=True)
@@ -384,9 +384,9 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
                 trainer.memory.update(idx, f.detach().float())
             trainer.step += 1
             seen += len(idx)
-            loss_sum += loss.item() * len(idx)
+            loss_sum += value * len(idx)
             rate = seen * world / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.0f}")
         trainer.epoch += 1
         seconds = time.perf_counter() - t0
         if rank == 0:
