@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from pirl.data import cache_dir
 from pirl.runs import resolve_device
+from pirl.runs import world as dist_world
 from pirl.trunk import Trunk
 
 LAYERS = ("conv1", "res2", "res3", "res4", "res5", "res5avg")
@@ -119,12 +120,6 @@ def cache_key(weights: str, layer: str, dataset: str, transform: Any, **extra: A
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class FeatureExtractor:
     """A frozen trunk plus the benchmark pooling of one layer; batches go in, vectors come out."""
 
@@ -175,7 +170,7 @@ class FeatureExtractor:
         path = cache_dir() / "features" / f"{key}.npy" if key else None
         if path is not None and path.exists():
             return np.load(path, mmap_mode="r")
-        rank, world = _dist()
+        rank, world = dist_world()
         n = len(dataset)
         shard = list(range(rank, n, world))
         local = self._run(dataset, shard, batch_size, num_workers, progress and rank == 0)
