@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,24 +152,31 @@ def embedded_images(size: int = 64, seed: int = 0) -> tuple[list[np.ndarray], np
     return out, digits.target.astype(np.int64)
 
 
-def embedded_root(size: int = 64) -> Path:
-    """Write the embedded set once as an ImageFolder tree (train/, val/ at 4:1); return its root."""
-    root = cache_dir() / f"{EMBEDDED_VERSION}-{size}"
-    done = root / ".complete"
-    if done.exists():
+def cached_folder(name: str, build: Callable[[Path], None]) -> Path:
+    """A generated folder under cache_dir(), built once into a temp folder and renamed into
+    place, so an interrupted or concurrent build never leaves a half-written data set."""
+    root = cache_dir() / name
+    if (root / ".complete").exists():
         return root
-    images, labels = embedded_images(size)
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    for i, (img, label) in enumerate(zip(images, labels, strict=True)):
-        split = "val" if i % 5 == 0 else "train"
-        d = tmp / split / f"digit{label}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(d / f"{i:04d}.png")
+    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
     (tmp / ".complete").touch()
     try:
         os.replace(tmp, root)
     except OSError:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
     return root
+
+
+def embedded_root(size: int = 64) -> Path:
+    """Write the embedded set once as an ImageFolder tree (train/, val/ at 4:1); return its root."""
+
+    def build(tmp: Path) -> None:
+        images, labels = embedded_images(size)
+        for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+            d = tmp / ("val" if i % 5 == 0 else "train") / f"digit{label}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{i:04d}.png")
+
+    return cached_folder(f"{EMBEDDED_VERSION}-{size}", build)

@@ -251,18 +251,9 @@ def build_embedded(
 
 def embedded_benchmarks(n: int = 600, size: int = EMBEDDED_SIZE) -> dict[str, Path]:
     """The embedded set in all four layouts, written once under cache_dir() and reused."""
-    import os
-    import shutil
+    from pirl.data import cached_folder
 
-    from pirl.data import cache_dir
-
-    root = cache_dir() / f"{EMBEDDED_VERSION}-{n}-{size}"
-    if not (root / ".complete").exists():
-        tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
-        build_embedded(tmp, n=n, size=size)
-        (tmp / ".complete").touch()
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    root = cached_folder(
+        f"{EMBEDDED_VERSION}-{n}-{size}", lambda tmp: build_embedded(tmp, n=n, size=size)
+    )
     return {b: root / b for b in BENCHMARKS}

@@ -8,8 +8,6 @@ inclusive pixel indices; training targets use detectron2's continuous convention
 
 from __future__ import annotations
 
-import os
-import shutil
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from pirl.data import cache_dir, load_image
+from pirl.data import cached_folder, load_image
 from pirl.errors import UserError
 from transfer.voc_ap import GroundTruth, evaluate, read_devkit_detections
 
@@ -297,25 +295,20 @@ def build_embedded_voc(
     n_trainval: int = 240, n_test: int = 120, size: int = 160, seed: int = 0
 ) -> Path:
     """Write the embedded digits-on-photos set once as a VOCdevkit (VOC2007 trainval, test)."""
-    root = cache_dir() / f"{EMBEDDED_VERSION}-{n_trainval}-{n_test}-{size}-{seed}"
-    if (root / ".complete").exists():
-        return root
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    base = tmp / "VOC2007"
-    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
-        (base / d).mkdir(parents=True, exist_ok=True)
-    samples = embedded_detection_images(n_trainval + n_test, size, seed)
-    ids = [f"{i:06d}" for i in range(len(samples))]
-    for image_id, (img, objects) in zip(ids, samples, strict=True):
-        Image.fromarray(img).save(base / "JPEGImages" / f"{image_id}.jpg", quality=95)
-        (base / "Annotations" / f"{image_id}.xml").write_bytes(
-            _annotation_xml(image_id, size, objects)
-        )
-    for split, part in (("trainval", ids[:n_trainval]), ("test", ids[n_trainval:])):
-        (base / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(i + "\n" for i in part))
-    (tmp / ".complete").touch()
-    try:
-        os.replace(tmp, root)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
-    return root
+
+    def build(tmp: Path) -> None:
+        base = tmp / "VOC2007"
+        for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+            (base / d).mkdir(parents=True, exist_ok=True)
+        samples = embedded_detection_images(n_trainval + n_test, size, seed)
+        ids = [f"{i:06d}" for i in range(len(samples))]
+        for image_id, (img, objects) in zip(ids, samples, strict=True):
+            Image.fromarray(img).save(base / "JPEGImages" / f"{image_id}.jpg", quality=95)
+            (base / "Annotations" / f"{image_id}.xml").write_bytes(
+                _annotation_xml(image_id, size, objects)
+            )
+        for split, part in (("trainval", ids[:n_trainval]), ("test", ids[n_trainval:])):
+            lines = "".join(i + "\n" for i in part)
+            (base / "ImageSets" / "Main" / f"{split}.txt").write_text(lines)
+
+    return cached_folder(f"{EMBEDDED_VERSION}-{n_trainval}-{n_test}-{size}-{seed}", build)
