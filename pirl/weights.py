@@ -185,8 +185,11 @@ def save_torchvision(trunk_state: Mapping[str, torch.Tensor], path: str | Path) 
 def save_detectron2(trunk_state: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     """Write a detectron2 `.pkl` (MODEL.WEIGHTS) so PIRL weights can seed a Faster R-CNN."""
     path = Path(path)
-    obj = {"model": to_detectron2(trunk_state), "__author__": "pirl-tools",
-           "matching_heuristics": True}
+    obj = {
+        "model": to_detectron2(trunk_state),
+        "__author__": "pirl-tools",
+        "matching_heuristics": True,
+    }
     atomic_write_bytes(path, pickle.dumps(obj, protocol=4))
     return path
 
@@ -210,7 +213,7 @@ def _is_state(obj: Any) -> bool:
 
 
 def _strip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _trunk_only(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -247,8 +250,14 @@ def _map_pirl_heads(
     out_dim, in_dim = fw.shape
     if gw.shape != fw.shape or cw.shape[0] != out_dim or cw.shape[1] % out_dim:
         return None
-    return {"f.proj.weight": fw, "f.proj.bias": fb, "g.proj.weight": gw, "g.proj.bias": gb,
-            "g.combine.weight": cw, "g.combine.bias": cb}
+    return {
+        "f.proj.weight": fw,
+        "f.proj.bias": fb,
+        "g.proj.weight": gw,
+        "g.proj.bias": gb,
+        "g.combine.weight": cw,
+        "g.combine.bias": cb,
+    }
 
 
 def _memory_rows(state: Any, name: str) -> int | None:
@@ -326,8 +335,13 @@ def _read_pycontrast(obj: Any, path: Path) -> _Parsed:
     mapped = _map_pirl_heads(image, patches)
     rest = [k for k in state if k.startswith(("module.head.", "module.head_jig."))]
     unmapped = () if mapped else tuple(sorted(rest, key=_natural))
-    return _Parsed("pycontrast", _trunk_only(trunk), mapped, unmapped,
-                   _memory_rows(obj.get("contrast"), "memory"))
+    return _Parsed(
+        "pycontrast",
+        _trunk_only(trunk),
+        mapped,
+        unmapped,
+        _memory_rows(obj.get("contrast"), "memory"),
+    )
 
 
 def _read_torchvision(obj: Any, path: Path) -> _Parsed:
@@ -371,13 +385,21 @@ def _d2_state(obj: Any) -> dict[str, Any] | None:
     model = obj["model"] if isinstance(obj.get("model"), Mapping) else obj
     state = dict(model)
     if any(k.startswith("roi_heads.res5.") for k in state):  # R50-C4 keeps res5 in the box head
-        state.update({"backbone." + k[len("roi_heads."):]: v for k, v in state.items()
-                      if k.startswith("roi_heads.res5.")})
+        state.update(
+            {
+                "backbone." + k[len("roi_heads.") :]: v
+                for k, v in state.items()
+                if k.startswith("roi_heads.res5.")
+            }
+        )
     for prefix in ("",) + D2_PREFIXES:
         if f"{prefix}stem.conv1.weight" in state:
             inner = _strip(state, prefix)
-            return {k: v for k, v in inner.items()
-                    if k.startswith("stem.") or re.match(r"res[2-5]\.\d", k)}
+            return {
+                k: v
+                for k, v in inner.items()
+                if k.startswith("stem.") or re.match(r"res[2-5]\.\d", k)
+            }
     return None
 
 
@@ -568,5 +590,13 @@ def load_encoder(
             heads = PirlHeads(in_dim, out_dim, n)
         _fit(heads, dict(parsed.heads), path, f"PIRL heads ({in_dim}->{out_dim}, {n} patches)")
         heads.eval()
-    return Encoder(trunk.eval(), heads, parsed.format, arch, width, parsed.memory_size,
-                   str(path), parsed.unmapped_heads)
+    return Encoder(
+        trunk.eval(),
+        heads,
+        parsed.format,
+        arch,
+        width,
+        parsed.memory_size,
+        str(path),
+        parsed.unmapped_heads,
+    )

@@ -11,10 +11,19 @@ _D2_DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 
 
 def _source_options(f: click.decorators.FC) -> click.decorators.FC:
-    f = click.option("--arch", type=click.Choice(sorted(ARCHS)), default=None,
-                     help="Architecture; omitted: inferred from the weights.")(f)
-    f = click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
-                     help="Checkpoint layout; omitted: detected from the keys.")(f)
+    f = click.option(
+        "--arch",
+        type=click.Choice(sorted(ARCHS)),
+        default=None,
+        help="Architecture; omitted: inferred from the weights.",
+    )(f)
+    f = click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(FORMATS),
+        default=None,
+        help="Checkpoint layout; omitted: detected from the keys.",
+    )(f)
     return click.argument("file")(f)
 
 
@@ -56,10 +65,20 @@ def inspect(file: str, fmt: str | None, arch: str | None) -> None:
 
 @weights.command()
 @_source_options
-@click.option("--to", "target", type=click.Choice(["torchvision", "detectron2"]), required=True,
-              help="Layout to write.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="File to write (.pth for torchvision, .pkl for detectron2).")
+@click.option(
+    "--to",
+    "target",
+    type=click.Choice(["torchvision", "detectron2"]),
+    required=True,
+    help="Layout to write.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="File to write (.pth for torchvision, .pkl for detectron2).",
+)
 def convert(file: str, fmt: str | None, arch: str | None, target: str, output: str) -> None:
     """Write the trunk as a torchvision state dict or a detectron2 MODEL.WEIGHTS pickle."""
     enc = load_encoder(file, arch=arch, fmt=fmt)

@@ -63,20 +63,31 @@ def pirl_heads_state(in_dim: int, seed: int = 1) -> dict[str, torch.Tensor]:
 def vissl_pirl_heads(h: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """VISSL's PIRL heads: head 0 on patches (mlp, siamese_concat_view, mlp), head 1 on images."""
     return {
-        "0.0.clf.0.weight": h["g.proj.weight"], "0.0.clf.0.bias": h["g.proj.bias"],
-        "0.2.clf.0.weight": h["g.combine.weight"], "0.2.clf.0.bias": h["g.combine.bias"],
-        "1.0.clf.0.weight": h["f.proj.weight"], "1.0.clf.0.bias": h["f.proj.bias"],
+        "0.0.clf.0.weight": h["g.proj.weight"],
+        "0.0.clf.0.bias": h["g.proj.bias"],
+        "0.2.clf.0.weight": h["g.combine.weight"],
+        "0.2.clf.0.bias": h["g.combine.bias"],
+        "1.0.clf.0.weight": h["f.proj.weight"],
+        "1.0.clf.0.bias": h["f.proj.bias"],
     }
 
 
 def native(sd: dict[str, torch.Tensor]) -> dict:
     return {
-        "trunk": trunk_of(sd), "heads": pirl_heads_state(2048),
+        "trunk": trunk_of(sd),
+        "heads": pirl_heads_state(2048),
         "memory": {"bank": torch.randn(37, 128)},
-        "nce": {"z_image": torch.tensor(1.5)}, "optimizer": {"state": {}}, "epoch": 3, "step": 10,
-        "rng": {"numpy": np.random.get_state(), "python": random.getstate(),
-                "torch": torch.get_rng_state()},
-        "config": {"arch": "resnet50", "width": 1.0, "method": "pirl"}, "version": 1,
+        "nce": {"z_image": torch.tensor(1.5)},
+        "optimizer": {"state": {}},
+        "epoch": 3,
+        "step": 10,
+        "rng": {
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "torch": torch.get_rng_state(),
+        },
+        "config": {"arch": "resnet50", "width": 1.0, "method": "pirl"},
+        "version": 1,
     }
 
 
@@ -84,9 +95,14 @@ def vissl(sd: dict, prefix: str = "_feature_blocks.", heads: dict | None = None)
     model = {"trunk": {prefix + k: v for k, v in trunk_of(sd).items()}}
     if heads is not None:
         model["heads"] = heads
-    return {"phase_idx": 4, "iteration": 100,
-            "classy_state_dict": {"base_model": {"model": model, "meta": {}},
-                                  "loss": {"memory_bank": torch.randn(41, 128)}}}
+    return {
+        "phase_idx": 4,
+        "iteration": 100,
+        "classy_state_dict": {
+            "base_model": {"model": model, "meta": {}},
+            "loss": {"memory_bank": torch.randn(41, 128)},
+        },
+    }
 
 
 def moco(sd: dict[str, torch.Tensor]) -> dict:
@@ -99,13 +115,16 @@ def moco(sd: dict[str, torch.Tensor]) -> dict:
 def pycontrast(sd: dict[str, torch.Tensor]) -> dict:
     h = pirl_heads_state(2048)
     state = {f"module.encoder.{k}": v for k, v in trunk_of(sd).items()}
-    state.update({
-        "module.head.0.weight": h["f.proj.weight"], "module.head.0.bias": h["f.proj.bias"],
-        "module.head_jig.fc1.weight": h["g.proj.weight"],
-        "module.head_jig.fc1.bias": h["g.proj.bias"],
-        "module.head_jig.fc2.weight": h["g.combine.weight"],
-        "module.head_jig.fc2.bias": h["g.combine.bias"],
-    })
+    state.update(
+        {
+            "module.head.0.weight": h["f.proj.weight"],
+            "module.head.0.bias": h["f.proj.bias"],
+            "module.head_jig.fc1.weight": h["g.proj.weight"],
+            "module.head_jig.fc1.bias": h["g.proj.bias"],
+            "module.head_jig.fc2.weight": h["g.combine.weight"],
+            "module.head_jig.fc2.bias": h["g.combine.bias"],
+        }
+    )
     return {"model": state, "contrast": {"memory": torch.randn(43, 128)}, "epoch": 5, "opt": {}}
 
 
@@ -120,7 +139,9 @@ LAYOUTS = {
     "plain-backbone": (lambda sd: {f"backbone.{k}": v for k, v in sd.items()}, "plain"),
     "plain-model": (lambda sd: {"model": {f"model.{k}": v for k, v in sd.items()}}, "plain"),
     "plain-module-encoder": (
-        lambda sd: {"state_dict": {f"module.encoder.{k}": v for k, v in sd.items()}}, "plain"),
+        lambda sd: {"state_dict": {f"module.encoder.{k}": v for k, v in sd.items()}},
+        "plain",
+    ),
 }
 
 
@@ -149,8 +170,11 @@ def test_detectron2_reader_gives_identical_trunk(r50: dict, tmp_path: Path) -> N
     path = tmp_path / "r50.pkl"
     model = {d2_name(k): v.numpy() for k, v in r50.items()}  # the official script keeps fc
     with open(path, "wb") as fh:
-        pickle.dump({"model": model, "__author__": "torchvision", "matching_heuristics": True}, fh,
-                    protocol=2)
+        pickle.dump(
+            {"model": model, "__author__": "torchvision", "matching_heuristics": True},
+            fh,
+            protocol=2,
+        )
     enc = load_encoder(path)
     assert (enc.format, enc.arch) == ("detectron2", "resnet50")
     assert_same_trunk(enc.trunk.state_dict(), r50)
@@ -185,9 +209,14 @@ def test_heads_and_memory_are_read(r50: dict, tmp_path: Path) -> None:
 
 def test_vissl_heads_that_are_not_pirl_are_reported_unmapped(tmp_path: Path) -> None:
     small = build_trunk("resnet18", 0.125).state_dict()
-    heads = {"0.clf.0.weight": torch.randn(128, 64), "0.clf.0.bias": torch.randn(128),
-             "0.clf.1.weight": torch.ones(128), "0.clf.1.bias": torch.zeros(128),
-             "0.clf.1.running_mean": torch.zeros(128), "0.clf.1.running_var": torch.ones(128)}
+    heads = {
+        "0.clf.0.weight": torch.randn(128, 64),
+        "0.clf.0.bias": torch.randn(128),
+        "0.clf.1.weight": torch.ones(128),
+        "0.clf.1.bias": torch.zeros(128),
+        "0.clf.1.running_mean": torch.zeros(128),
+        "0.clf.1.running_var": torch.ones(128),
+    }
     path = tmp_path / "simclr.torch"
     torch.save(vissl(small, heads=heads), path)
     enc = load_encoder(path)
@@ -231,8 +260,10 @@ def test_detectron2_names_invert(r50: dict) -> None:
     assert back.keys() == r50.keys() and all(torch.equal(back[k], r50[k]) for k in r50)
 
 
-@pytest.mark.parametrize("arch,width", [("resnet18", 0.125), ("resnet34", 0.125),
-                                        ("resnet50", 0.25), ("resnet101", 0.125)])
+@pytest.mark.parametrize(
+    "arch,width",
+    [("resnet18", 0.125), ("resnet34", 0.125), ("resnet50", 0.25), ("resnet101", 0.125)],
+)
 def test_architecture_is_inferred(arch: str, width: float, tmp_path: Path) -> None:
     torch.manual_seed(2)
     state = build_trunk(arch, width).state_dict()
@@ -254,8 +285,10 @@ class RunsShell:
 
 
 def _write_evil(kind: str, path: Path, marker: Path) -> None:
-    payload = {"model": {"stem.conv1.weight": np.zeros((8, 3, 7, 7), np.float32)},
-               "extra": RunsShell(marker)}
+    payload = {
+        "model": {"stem.conv1.weight": np.zeros((8, 3, 7, 7), np.float32)},
+        "extra": RunsShell(marker),
+    }
     if kind == "pickle":
         path.write_bytes(pickle.dumps(payload, protocol=4))
     else:
@@ -282,8 +315,9 @@ def test_code_carrying_file_is_refused(kind: str, tmp_path: Path) -> None:
 
 def test_numpy_rng_state_needs_and_gets_the_allowlist(tmp_path: Path) -> None:
     small = build_trunk("resnet18", 0.125).state_dict()
-    torch.save({"trunk": small, "rng": {"numpy": np.random.get_state()}, "version": 1},
-               tmp_path / "n.pth")
+    torch.save(
+        {"trunk": small, "rng": {"numpy": np.random.get_state()}, "version": 1}, tmp_path / "n.pth"
+    )
     with pytest.raises(pickle.UnpicklingError):
         torch.load(tmp_path / "n.pth", weights_only=True)
     assert load_encoder(tmp_path / "n.pth").format == "native"
@@ -331,8 +365,14 @@ def test_wrong_shape_and_unknown_depth(tmp_path: Path) -> None:
     torch.save(bad, tmp_path / "shape.pth")
     msg = _one_line_error(tmp_path / "shape.pth", "wrong shape")
     assert "layer2.1.conv1.weight (16, 16, 5, 5) vs (16, 16, 3, 3)" in msg
-    deeper = dict(state, **{k.replace("layer3.1.", "layer3.2."): v
-                            for k, v in state.items() if k.startswith("layer3.1.")})
+    deeper = dict(
+        state,
+        **{
+            k.replace("layer3.1.", "layer3.2."): v
+            for k, v in state.items()
+            if k.startswith("layer3.1.")
+        },
+    )
     torch.save(deeper, tmp_path / "deep.pth")
     _one_line_error(tmp_path / "deep.pth", r"no known ResNet has basic blocks \[2, 2, 3, 2\]")
 
@@ -347,8 +387,9 @@ def test_random_spec_is_seeded_and_leaves_global_rng_alone() -> None:
     assert a.trunk.channels["conv1"] == 16
     assert torch.equal(a.trunk.conv1.weight, b.trunk.conv1.weight)
     assert (c.arch, c.width) == ("resnet18", 1.0)
-    assert not torch.equal(a.trunk.layer1[0].conv1.weight[:16, :16],
-                           c.trunk.layer1[0].conv1.weight[:16, :16])
+    assert not torch.equal(
+        a.trunk.layer1[0].conv1.weight[:16, :16], c.trunk.layer1[0].conv1.weight[:16, :16]
+    )
     with pytest.raises(UserError, match="unknown architecture 'resnet7'"):
         load_encoder("random:resnet7")
     with pytest.raises(UserError, match="not a number"):
