@@ -56,7 +56,7 @@ class SolverStats:
 
     newton: int = 0
     cg: int = 0
-    products: int = 0  # (n x r) @ (r,) products summed over the batch: the cost that matters
+    products: int = 0  # matrix-vector products (features or Gram) summed over the batch
 
 
 def solve_squared_hinge(
