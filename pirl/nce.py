@@ -29,22 +29,29 @@ class NCELoss(nn.Module):
     def forward(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """pos: (B,) and neg: (B, N) raw inner products; returns the batch-mean loss."""
         s = torch.cat([pos.unsqueeze(1), neg], dim=1).float() / self.temperature
-        with torch.no_grad():
-            batch_log_z = torch.logsumexp(s.double().flatten(), 0) - math.log(s.numel())
-            batch_log_z = batch_log_z + math.log(self.data_size)
-            if distributed():
-                batch_log_z = batch_log_z.clone()
-                dist.all_reduce(batch_log_z)
-                batch_log_z /= dist.get_world_size()
-            if torch.isnan(self.log_z):
-                self.log_z.copy_(batch_log_z)
-            elif self.z_momentum > 0:
-                z = self.z_momentum * self.log_z.exp() + (1 - self.z_momentum) * batch_log_z.exp()
-                self.log_z.copy_(z.log())
+        first = bool(torch.isnan(self.log_z))
+        if first or self.z_momentum > 0:  # a fixed Z costs nothing after the first step
+            with torch.no_grad():
+                batch_log_z = self._batch_log_z(s)
+                if first:
+                    self.log_z.copy_(batch_log_z)
+                else:
+                    m = self.z_momentum
+                    z = m * self.log_z.exp() + (1 - m) * batch_log_z.exp()
+                    self.log_z.copy_(z.log())
         log_p = s - self.log_z.float()
         log_c = math.log(neg.shape[1] / self.data_size)
         loss = F.softplus(log_c - log_p[:, 0]) + F.softplus(log_p[:, 1:] - log_c).sum(1)
         return loss.mean()
+
+    def _batch_log_z(self, s: torch.Tensor) -> torch.Tensor:
+        """log(mean(exp(s)) * |D|) over the batch, averaged over ranks so replicas agree."""
+        log_z = torch.logsumexp(s.double().flatten(), 0) - math.log(s.numel())
+        log_z = log_z + math.log(self.data_size)
+        if distributed():
+            dist.all_reduce(log_z)
+            log_z /= dist.get_world_size()
+        return log_z
 
 
 class InfoNCELoss(nn.Module):
