@@ -46,15 +46,6 @@ def test_envelope_ap_hand_cases():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: thread hand-offs cost more than the arithmetic on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_solver_reaches_liblinear_optimum():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((60, 20))

@@ -36,15 +36,6 @@ SIZES = {0: 37, 1: 25, 2: 6, 3: 14}  # uneven on purpose: 25 at 10% is the half-
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two shared cores: one torch thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def uneven(tmp_path, digit_images):
     """An ImageFolder train/ of real digit images with SIZES images per class."""

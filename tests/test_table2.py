@@ -2,20 +2,10 @@ import shutil
 
 import pandas as pd
 import pytest
-import torch
 
 from pirl.tables import markdown_table
 from transfer.datasets import build_embedded
 from transfer.table2 import assemble, build_table2, find_benchmarks
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: thread hand-offs cost more than the arithmetic on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_assemble_paper_layout_with_gaps():

@@ -12,21 +12,11 @@ from pirl import train
 from pirl.errors import UserError
 from pirl.train import PretrainConfig, pretrain, read_checkpoint
 
+TINY = dict(arch="resnet18", width=0.125, image_size=32, batch_size=16, num_negatives=64)
+
 
 def tiny_config(data: Path, out: Path, **kw: object) -> PretrainConfig:
-    base = dict(
-        data=str(data),
-        out=str(out),
-        arch="resnet18",
-        width=0.125,
-        image_size=32,
-        epochs=2,
-        batch_size=16,
-        num_negatives=64,
-        num_workers=0,
-        seed=0,
-        device="cpu",
-    )
+    base = dict(data=str(data), out=str(out), epochs=2, num_workers=0, seed=0, device="cpu", **TINY)
     base.update(kw)
     return PretrainConfig(**base)
 
@@ -171,15 +161,7 @@ def test_half_bank_and_shared_negatives_train_and_checkpoint(
 
 
 def test_embedded_checkpoint_is_trained_once_and_shared(tiny_folder: Path, monkeypatch) -> None:
-    small = dict(
-        data=str(tiny_folder),
-        arch="resnet18",
-        width=0.125,
-        image_size=32,
-        epochs=1,
-        batch_size=16,
-        num_negatives=32,
-    )
+    small = dict(data=str(tiny_folder), epochs=1, **TINY)
     first = train.embedded_checkpoint("pirl", "cpu", 0, **small)
     assert read_checkpoint(first)["epoch"] == 1
     monkeypatch.setattr(torch.optim.SGD, "step", lambda *a, **k: pytest.fail("trained again"))
