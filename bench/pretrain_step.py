@@ -28,13 +28,13 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage import data as skdata
 
+import pirl.memory
 from pirl.augment import BatchAugment, CropTransform
 from pirl.data import ImageDataset, collate_skipping, list_images
-from pirl.heads import PirlHeads
 from pirl.jigsaw import JigsawGeometry, PirlTransform
 from pirl.memory import MemoryBank
 from pirl.nce import PirlLoss
-from pirl.trunk import build_trunk
+from pirl.train import PretrainConfig, device_views, make_trainer
 
 IMAGENET = 1_281_167
 NEGATIVES = 32_000
@@ -203,61 +203,78 @@ def startup_seconds() -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
-def step_rows(device: torch.device, batch: int, reps: int) -> tuple[list[str], float]:
-    """Full PIRL step against a bare trunk forward + backward on the same views."""
+def step_rows(
+    device: torch.device, batch: int, reps: int, compiled: bool = False
+) -> tuple[list[str], float]:
+    """The training loop's own step (Trainer.train_step: batched augmentation on the device,
+    trunk on 1 image + 9 patches, heads, NCE, backward, SGD, bank update; bf16 autocast and
+    channels_last on a GPU) against a bare trunk forward + backward on the same views."""
     geo = JigsawGeometry()
     crop = CropTransform(geo)
-    crops = [crop(im) for im in photos(batch)]
-    images_u8 = torch.stack([a for a, _ in crops]).to(device)
-    sources_u8 = torch.stack([b for _, b in crops]).to(device)
-    torch.manual_seed(0)
-    trunk = build_trunk("resnet50", 1.0).to(device)
-    heads = PirlHeads(trunk.out_dim, 128).to(device)
-    memory = MemoryBank(IMAGENET, 128, seed=0).to(device)
-    crit = PirlLoss(memory, NEGATIVES, 0.07, 0.5, "nce").to(device)
-    params = list(trunk.parameters()) + list(heads.parameters())
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    crops = [crop(im) for im in photos(min(batch, 64))]
+    reps_needed = -(-batch // len(crops))
+    views = (
+        torch.stack([a for a, _ in crops] * reps_needed)[:batch],
+        torch.stack([b for _, b in crops] * reps_needed)[:batch],
+    )
+    cuda = device.type == "cuda"
+    cfg = PretrainConfig(
+        arch="resnet50",
+        width=1.0,
+        batch_size=batch,
+        num_negatives=NEGATIVES,
+        loss="nce",
+        lam=0.5,
+        lr=0.01,
+        amp=cuda,
+    )
+    trainer = make_trainer(cfg, IMAGENET, device)
+    model = trainer.model
+    run_model = torch.compile(model) if compiled else model
     aug = BatchAugment(geo)
     gen = torch.Generator().manual_seed(0)
     neg_gen = torch.Generator(device).manual_seed(1)
     idx = torch.arange(batch, device=device)
-    images, patches, _ = aug(images_u8, sources_u8, gen)
-    cuda = device.type == "cuda"
+    perm = torch.empty(0)
+    images, patches = device_views(views, aug, device, gen, True)
+
+    def trunk_sum(images: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        flat = patches.flatten(0, 1)
+        if cuda:
+            flat = flat.contiguous(memory_format=torch.channels_last)
+        return model.trunk.pooled(images).float().sum() + model.trunk.pooled(flat).float().sum()
+
+    run_trunk = torch.compile(trunk_sum) if compiled else trunk_sum
 
     def bare() -> None:
-        out = trunk.pooled(images).sum() + trunk.pooled(patches.flatten(0, 1)).sum()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            out = run_trunk(images, patches)
         out.backward()
-        trunk.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
 
-    def full(with_opt: bool = True) -> None:
-        im, pa, _ = aug(images_u8, sources_u8, gen)
-        f = heads.f(trunk.pooled(im))
-        g = heads.g(trunk.pooled(pa.flatten(0, 1)))
-        loss = crit(f, g, idx, neg_gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if with_opt:
-            opt.step()
-        memory.update(idx, f.detach())
+    def full() -> None:
+        im, pa = device_views(views, aug, device, gen, True)
+        trainer.train_step(run_model, im, pa, idx, perm, neg_gen, 0.01, cuda)
 
-    trunk.train()
+    model.train()
     pick = 0 if cuda else 1  # GPU: wall time; CPU: process CPU time (robust to other jobs)
-    variants = {"bare": bare, "full": full, "no_opt": lambda: full(False)}
+    variants = {"bare": bare, "full": full}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():
-        fn()  # warm-up (SGD momentum buffers, allocator, caches)
-    for _ in range(reps):  # interleaved, so drift on a shared machine hits all three alike
+        fn()  # warm-up (cuDNN autotuning, SGD momentum buffers, allocator, caches)
+        fn()
+    for _ in range(reps):  # interleaved, so drift on a shared machine hits both alike
         for k, fn in variants.items():
             times[k].append(timed(fn, 1, cuda, warm=False)[pick])
-    t_bare, t_full, t_no_opt = (float(np.median(times[k])) for k in ("bare", "full", "no_opt"))
+    t_bare, t_full = (float(np.median(times[k])) for k in ("bare", "full"))
+    amp = (", bf16 autocast, channels_last" if cuda else "") + (
+        ", torch.compile" if compiled else ""
+    )
     rows = [
-        f"| step (ResNet-50, 224-px image + 9 x 64-px patches per sample) | "
-        f"{'wall' if cuda else 'CPU'} s per step | "
-        "images/s | ratio to bare |",
+        f"| step (ResNet-50, 224-px image + 9 x 64-px patches per sample, batch {batch}{amp}) "
+        f"| {'wall' if cuda else 'CPU'} s per step | images/s | ratio to bare |",
         "|---|---|---|---|",
         f"| bare trunk forward + backward | {t_bare:.3f} | {batch / t_bare:.1f} | 1.00 |",
-        f"| full PIRL step without the SGD update | {t_no_opt:.3f} | {batch / t_no_opt:.1f} "
-        f"| {t_no_opt / t_bare:.3f} |",
         f"| full PIRL step (augment, heads, NCE at 32,000 negatives, bank update, SGD) | "
         f"{t_full:.3f} | {batch / t_full:.1f} | {t_full / t_bare:.3f} |",
     ]
@@ -301,10 +318,53 @@ def loading_rows(step_images_s: float, n: int = 96, workers: int | None = None) 
     return rows
 
 
-def run(step_batch: int | None = None) -> str:
+def gpu_rows(device: torch.device, batch: int = 256) -> list[str]:
+    """On the GPU: the batch ops' throughput and the loss + bank at batch 8 and at `batch`."""
+    geo = JigsawGeometry()
+    crop = CropTransform(geo)
+    crops = [crop(im) for im in photos(64)]
+    times = -(-batch // len(crops))
+    images = torch.stack([a for a, _ in crops] * times)[:batch].to(device)
+    sources = torch.stack([b for _, b in crops] * times)[:batch].to(device)
+    aug = BatchAugment(geo)
+    gen = torch.Generator().manual_seed(0)
+    wall, _ = timed(lambda: aug(images, sources, gen), reps=10, sync=True)
+    rows = [
+        "| on the GPU | wall s | samples/s |",
+        "|---|---|---|",
+        f"| batch ops (jigsaw cut, jitter, gray, flip, norm), batch {batch} | {wall:.4f} "
+        f"| {batch / wall:,.0f} |",
+    ]
+    memory = MemoryBank(IMAGENET, 128, seed=0).to(device)
+    neg_gen = torch.Generator(device).manual_seed(4)
+    for n in (8, batch):
+        f0 = F.normalize(torch.randn(n, 128, device=device), dim=1)
+        g0 = F.normalize(torch.randn(n, 128, device=device), dim=1)
+        idx = torch.randint(0, IMAGENET, (n,), device=device)
+        for label, shared, dense in (
+            ("per sample, blocked gather", False, 0),
+            ("per sample, dense scores (default on a GPU)", False, pirl.memory.DENSE_GPU),
+            ("--shared-negatives", True, pirl.memory.DENSE_GPU),
+        ):
+            crit = PirlLoss(memory, NEGATIVES, 0.07, 0.5, "nce", shared_negatives=shared)
+            default, pirl.memory.DENSE_GPU = pirl.memory.DENSE_GPU, dense
+            try:
+                wall, _ = timed(partial(our_step, crit, f0, g0, idx, neg_gen), 10, sync=True)
+            finally:
+                pirl.memory.DENSE_GPU = default
+            rows.append(
+                f"| loss + memory, batch {n}, {label}, float32 bank | {wall:.4f} | "
+                f"{n / wall:,.0f} |"
+            )
+    return rows
+
+
+def run(step_batches: tuple[int, ...] | None = None) -> str:
     """Measure everything once and return the Markdown section for BENCHMARKS.md."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batch = step_batch or (32 if device.type == "cuda" else 1)
+    cuda = device.type == "cuda"
+    batches = step_batches or ((64, 128, 256) if cuda else (1,))
+    torch.backends.cudnn.benchmark = True  # fixed shapes, as in training
     t0 = time.perf_counter()
     aug_rows, aug_speedup = augmentation_rows()
     lm_rows = loss_memory_rows()
@@ -313,7 +373,11 @@ def run(step_batch: int | None = None) -> str:
     if device.type == "cpu":  # one thread: OpenMP spin-waits inflate CPU time on a busy machine
         torch.set_num_threads(1)
     try:
-        st_rows, step_rate = step_rows(device, batch, reps=5)
+        st_rows: list[str] = []
+        runs = [(b, False) for b in batches] + ([(batches[-1], True)] if cuda else [])
+        for batch, compiled in runs:
+            rows, step_rate = step_rows(device, batch, 10 if cuda else 5, compiled)
+            st_rows += [*rows, ""]
     finally:
         torch.set_num_threads(threads)
     ld_rows = loading_rows(step_rate)
@@ -345,11 +409,10 @@ def run(step_batch: int | None = None) -> str:
             f"{torch.get_num_threads()} threads (no sampler object: negatives are one "
             "vectorised randint per term and step).",
             "",
-            f"### Step overhead (batch {batch}, {device.type}"
-            f"{'' if device.type == 'cuda' else ', 1 thread'})",
+            f"### Step overhead ({device.type}{'' if cuda else ', 1 thread'})",
             "",
             *st_rows,
-            "",
+            *(["### On the GPU", "", *gpu_rows(device), ""] if cuda else []),
             "### Data loading against the step",
             "",
             *ld_rows,

@@ -109,6 +109,12 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--num-workers", type=int, default=2, show_default=True)
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 autocast on GPU.")
 @click.option(
+    "--compile",
+    is_flag=True,
+    help="torch.compile the model: fused kernels, faster steps on a GPU after a first step "
+    "that compiles for a minute or two.",
+)
+@click.option(
     "--augment",
     type=click.Choice(["batched", "pil"]),
     default="batched",

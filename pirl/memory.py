@@ -11,6 +11,7 @@ from torch import nn
 
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INIT_ROWS = 1 << 16  # rows per independently seeded init chunk (same bank for any thread count)
+DENSE_GPU = 1 << 30  # most (B, |D|) scores computed densely on a GPU (4 GB in float32)
 
 
 def distributed() -> bool:
@@ -63,11 +64,13 @@ class MemoryBank(nn.Module):
     def scores(self, z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """<m_j, z[b]> in z's dtype: idx (B, N) per-sample negatives, or (N,) one draw shared
         by the batch (one gather, one (B, N) product). Per sample: one (B, |D|) product when
-        the bank is smaller than N, else a blocked gather + bmm that keeps only idx for the
-        backward pass (not B*N gathered rows)."""
+        the bank is smaller than N or, on a GPU, when the (B, |D|) scores fit DENSE_GPU
+        (streaming the bank through one matrix product beats B*N random row reads there;
+        BENCHMARKS.md), else a blocked gather + bmm that
+        keeps only idx for the backward pass (not B*N gathered rows)."""
         if idx.dim() == 1:
             return z @ self.bank.index_select(0, idx).to(z.dtype).T
-        if self.size <= idx.shape[1]:
+        if self.size <= idx.shape[1] or (z.is_cuda and len(z) * self.size <= DENSE_GPU):
             return (z @ self.bank.to(z.dtype).T).gather(1, idx)
         budget = (1 << 27) if z.is_cuda else (1 << 18)  # gathered values held at once
         return _GatherScores.apply(z, self.bank, idx, budget)

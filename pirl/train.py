@@ -109,6 +109,7 @@ class PretrainConfig:
     device: str = "auto"
     num_workers: int = 2
     amp: bool = True
+    compile: bool = False  # torch.compile the model: fused kernels on a GPU, slow first step
     augment: str = "batched"
     shared_negatives: bool = False  # one draw of N negatives per batch; VISSL draws per sample
     bank_dtype: str = "float32"
@@ -151,6 +152,8 @@ class PirlModel(nn.Module):
         if patches is None:
             return f, None
         flat = patches.flatten(0, 1)
+        if flat.is_cuda:  # as the images (device_views): cuDNN's fast layout under AMP
+            flat = flat.contiguous(memory_format=torch.channels_last)
         return f, self.heads.g(self.trunk.pooled(flat))
 
 
@@ -217,6 +220,42 @@ class Trainer:
             first = str(exc).strip().splitlines()[0]
             raise UserError(f"{path}: cannot resume from this checkpoint ({first})") from None
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+
+    def train_step(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        patches: torch.Tensor | None,
+        idx: torch.Tensor,
+        perm: torch.Tensor,
+        neg_gen: torch.Generator,
+        lr: float,
+        amp: bool,
+    ) -> float:
+        """One optimisation step on device views (also what bench/pretrain_step.py times);
+        model is self.model or its DDP wrapper. Returns the loss; a non-finite loss stops the
+        run before any update, so the last checkpoint stays good."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+            f, g = model(images, patches)
+        if self.cfg.method == "jigsaw":  # f: permutation logits; perm: the class index drawn
+            loss = self.criterion(f.float(), perm.to(f.device))
+        else:
+            loss = self.criterion(f.float(), None if g is None else g.float(), idx, neg_gen)
+        value = loss.item()  # the step's one host sync: NaN check and logging
+        if not math.isfinite(value):
+            raise UserError(
+                f"{self.cfg.out}: loss became {value} at epoch {self.epoch + 1}, step "
+                f"{self.step}; stopped, last good checkpoint kept at "
+                f"{Path(self.cfg.out) / 'checkpoint.pth'}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.memory is not None:
+            self.memory.update(idx, f.detach().float())
+        return value
 
 
 def build_loader(
@@ -338,9 +377,12 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
         model = nn.parallel.DistributedDataParallel(
             trainer.model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if cfg.compile:
+        model = torch.compile(model)
     steps_per_epoch = len(build_loader(cfg, images, 0, rank, world, with_patches))
     total = steps_per_epoch * cfg.epochs
     amp = cfg.amp and device.type == "cuda"
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: drop_last batches
     augment = None
     if cfg.augment == "batched" and cfg.method != "jigsaw":
         augment = BatchAugment(JigsawGeometry.for_image_size(cfg.image_size))
@@ -361,27 +403,10 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
             views, _labels, idx = batch
             perm_b = views[-1]  # jigsaw: the permutation class its transform drew
             images_b, patches_b = device_views(views, augment, device, aug_gen, with_patches)
-            idx = idx.to(device)
             lr = cosine_lr(trainer.step, total, cfg.lr, cfg.final_lr_ratio)
-            for group in trainer.optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                f, g = model(images_b, patches_b)
-            if cfg.method == "jigsaw":  # f: permutation logits; perm_b: the class index drawn
-                loss = trainer.criterion(f.float(), perm_b.to(device))
-            else:
-                loss = trainer.criterion(f.float(), None if g is None else g.float(), idx, neg_gen)
-            value = loss.item()  # the step's one host sync: NaN check and logging
-            if not math.isfinite(value):
-                raise UserError(
-                    f"{cfg.out}: loss became {value} at epoch {epoch + 1}, step "
-                    f"{trainer.step}; stopped, last good checkpoint kept at {ckpt_path}"
-                )
-            trainer.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            trainer.optimizer.step()
-            if trainer.memory is not None:
-                trainer.memory.update(idx, f.detach().float())
+            value = trainer.train_step(
+                model, images_b, patches_b, idx.to(device), perm_b, neg_gen, lr, amp
+            )
             trainer.step += 1
             seen += len(idx)
             loss_sum += value * len(idx)

@@ -1,0 +1,100 @@
+"""The GPU paths against the CPU paths that the rest of the suite checks independently.
+
+CI has no GPU, so these are skipped there; run them on a GPU machine with
+`python -m pytest tests/test_cuda.py` (BENCHMARKS.md says when they last ran).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pirl import augment as A
+from pirl.jigsaw import JigsawGeometry
+from pirl.memory import MemoryBank
+from pirl.nce import PirlLoss
+from pirl.train import PretrainConfig, pretrain
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+def test_batch_augment_on_the_gpu_equals_the_cpu() -> None:
+    """Same generator, same crops: positional schedule + gather cut on the GPU, grouped
+    schedule + slices on the CPU (each checked against torchvision in test_augment.py)."""
+    geo = JigsawGeometry.for_image_size(96)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 96, 96), dtype=torch.uint8, generator=gen)
+    sources = torch.randint(0, 256, (16, 3, 108, 108), dtype=torch.uint8, generator=gen)
+    aug = A.BatchAugment(geo)
+    want = aug(images, sources, torch.Generator().manual_seed(1))
+    got = aug(images.to(CUDA), sources.to(CUDA), torch.Generator().manual_seed(1))
+    assert got[0].is_cuda and got[1].is_cuda and torch.equal(got[2], want[2])
+    for w, g in zip(want[:2], got[:2], strict=True):
+        torch.testing.assert_close(g.cpu(), w, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_loss_and_gradient_on_the_gpu_equal_the_cpu(shared: bool) -> None:
+    """Negatives drawn on the CPU and moved: blocked gather-scores (GPU budget) vs CPU, and
+    both against the plain gather + bmm form computed in float64."""
+    torch.manual_seed(0)
+    memory = MemoryBank(5000, 16, seed=0)
+    z = F.normalize(torch.randn(6, 16), dim=1)
+    idx = memory.sample((700,) if shared else (6, 700), torch.Generator().manual_seed(2))
+    grads = []
+    for device in ("cpu", "cuda"):
+        mem = MemoryBank(5000, 16, seed=0).to(device)
+        zz = z.to(device).requires_grad_()
+        mem.scores(zz, idx.to(device)).square().sum().backward()
+        grads.append(zz.grad.cpu())
+    bank = memory.bank.double()
+    zd = z.double().requires_grad_()
+    rows = bank[idx].expand(6, -1, -1) if shared else bank[idx]
+    torch.bmm(rows, zd.unsqueeze(2)).square().sum().backward()
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1].double(), zd.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_negatives_drawn_on_the_gpu_are_sorted_uniform_and_seeded() -> None:
+    memory = MemoryBank(1000, 8, seed=0).to(CUDA)
+    draw = memory.sample((64, 5000), torch.Generator(CUDA).manual_seed(3))
+    again = memory.sample((64, 5000), torch.Generator(CUDA).manual_seed(3))
+    assert draw.device.type == "cuda" and torch.equal(draw, again)
+    assert bool((draw[:, 1:] >= draw[:, :-1]).all())
+    counts = torch.bincount(draw.flatten().cpu(), minlength=1000).double()
+    expected = draw.numel() / 1000
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 999 + 5 * math.sqrt(2 * 999)  # uniform: chi-square with 999 dof
+
+
+def test_pirl_loss_on_the_gpu_matches_the_cpu_with_the_same_negatives() -> None:
+    bank = MemoryBank(3000, 32, seed=1)
+    f = F.normalize(torch.randn(8, 32, generator=torch.Generator().manual_seed(5)), dim=1)
+    g = F.normalize(torch.randn(8, 32, generator=torch.Generator().manual_seed(6)), dim=1)
+    idx = torch.arange(8)
+    losses = []
+    for device in ("cpu", "cuda"):
+        crit = PirlLoss(MemoryBank(3000, 32, seed=1).to(device), 512, 0.07, 0.5, "nce")
+        crit.memory.bank.copy_(bank.bank)
+        gen = torch.Generator().manual_seed(7)  # CPU draws, so both use the same negatives
+        losses.append(float(crit(f.to(device), g.to(device), idx.to(device), gen)))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_pretrain_on_the_gpu_with_amp_runs_and_resumes(tmp_path) -> None:
+    """Two epochs on the embedded set with bf16 autocast and channels_last, then a third by
+    --resume: finite losses, the bank still unit vectors, step count continued."""
+    cfg = PretrainConfig(out=str(tmp_path / "run"), epochs=2, device="cuda", num_workers=0)
+    trainer = pretrain(cfg)
+    assert trainer.step > 0 and trainer.memory.bank.device.type == "cuda"
+    norms = trainer.memory.bank.float().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-4, rtol=0)
+    steps = trainer.step
+    resumed = pretrain(PretrainConfig(**{**cfg.__dict__, "epochs": 3, "resume": True}))
+    assert resumed.epoch == 3 and resumed.step == steps * 3 // 2
+    metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert len(metrics) == 4 and all(math.isfinite(float(r.split(",")[2])) for r in metrics[1:])
