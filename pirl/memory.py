@@ -55,22 +55,29 @@ class MemoryBank(nn.Module):
     ) -> torch.Tensor:
         """Negative indices drawn uniformly from the whole data set, in one call, on the
         generator's device (a CUDA generator keeps a large per-sample draw on the GPU); sorted
-        along the last axis: the loss does not depend on the negatives' order, and sorted rows
-        gather faster."""
+        along the last axis when scores will gather rows: the loss does not depend on the
+        negatives' order, and sorted rows gather faster (the dense form reads no rows)."""
         device = generator.device if generator is not None else torch.device("cpu")
         idx = torch.randint(0, self.size, shape, generator=generator, device=device)
-        return idx.sort(dim=-1).values.to(self.bank.device)
+        if len(shape) == 1 or not self.dense(*shape):
+            idx = idx.sort(dim=-1).values
+        return idx.to(self.bank.device)
+
+    def dense(self, batch: int, n: int) -> bool:
+        """Whether scores computes (batch, n) per-sample negatives from all (batch, |D|)
+        scores: when the bank is smaller than n or, on a GPU, when those fit DENSE_GPU
+        (streaming the bank through one matrix product beats batch * n random row reads
+        there: BENCHMARKS.md)."""
+        return self.size <= n or (self.bank.is_cuda and batch * self.size <= DENSE_GPU)
 
     def scores(self, z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """<m_j, z[b]> in z's dtype: idx (B, N) per-sample negatives, or (N,) one draw shared
         by the batch (one gather, one (B, N) product). Per sample: one (B, |D|) product when
-        the bank is smaller than N or, on a GPU, when the (B, |D|) scores fit DENSE_GPU
-        (streaming the bank through one matrix product beats B*N random row reads there;
-        BENCHMARKS.md), else a blocked gather + bmm that
-        keeps only idx for the backward pass (not B*N gathered rows)."""
+        self.dense says so, else a blocked gather + bmm that keeps only idx for the backward
+        pass (not B*N gathered rows)."""
         if idx.dim() == 1:
             return z @ self.bank.index_select(0, idx).to(z.dtype).T
-        if self.size <= idx.shape[1] or (z.is_cuda and len(z) * self.size <= DENSE_GPU):
+        if self.dense(*idx.shape):
             return (z @ self.bank.to(z.dtype).T).gather(1, idx)
         budget = (1 << 27) if z.is_cuda else (1 << 18)  # gathered values held at once
         return _GatherScores.apply(z, self.bank, idx, budget)

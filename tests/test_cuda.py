@@ -16,7 +16,7 @@ from pirl import augment as A
 from pirl.jigsaw import JigsawGeometry
 from pirl.memory import MemoryBank
 from pirl.nce import PirlLoss
-from pirl.train import PretrainConfig, pretrain
+from pirl.train import PretrainConfig, prefetched, pretrain
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -37,10 +37,13 @@ def test_batch_augment_on_the_gpu_equals_the_cpu() -> None:
         torch.testing.assert_close(g.cpu(), w, atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_loss_and_gradient_on_the_gpu_equal_the_cpu(shared: bool) -> None:
-    """Negatives drawn on the CPU and moved: blocked gather-scores (GPU budget) vs CPU, and
-    both against the plain gather + bmm form computed in float64."""
+@pytest.mark.parametrize(("shared", "dense"), [(False, True), (False, False), (True, True)])
+def test_loss_and_gradient_on_the_gpu_equal_the_cpu(shared: bool, dense: bool, monkeypatch) -> None:
+    """Negatives drawn on the CPU and moved: the GPU's dense scores (or, with DENSE_GPU 0,
+    its blocked gather) against the CPU's blocked gather, and both against the plain gather
+    + bmm form computed in float64."""
+    if not dense:
+        monkeypatch.setattr("pirl.memory.DENSE_GPU", 0)
     torch.manual_seed(0)
     memory = MemoryBank(5000, 16, seed=0)
     z = F.normalize(torch.randn(6, 16), dim=1)
@@ -48,7 +51,7 @@ def test_loss_and_gradient_on_the_gpu_equal_the_cpu(shared: bool) -> None:
     grads = []
     for device in ("cpu", "cuda"):
         mem = MemoryBank(5000, 16, seed=0).to(device)
-        zz = z.to(device).requires_grad_()
+        zz = z.to(device, copy=True).requires_grad_()
         mem.scores(zz, idx.to(device)).square().sum().backward()
         grads.append(zz.grad.cpu())
     bank = memory.bank.double()
@@ -59,12 +62,13 @@ def test_loss_and_gradient_on_the_gpu_equal_the_cpu(shared: bool) -> None:
     torch.testing.assert_close(grads[1].double(), zd.grad, atol=1e-5, rtol=1e-5)
 
 
-def test_negatives_drawn_on_the_gpu_are_sorted_uniform_and_seeded() -> None:
+def test_negatives_drawn_on_the_gpu_are_uniform_and_seeded() -> None:
     memory = MemoryBank(1000, 8, seed=0).to(CUDA)
     draw = memory.sample((64, 5000), torch.Generator(CUDA).manual_seed(3))
     again = memory.sample((64, 5000), torch.Generator(CUDA).manual_seed(3))
     assert draw.device.type == "cuda" and torch.equal(draw, again)
-    assert bool((draw[:, 1:] >= draw[:, :-1]).all())
+    shared = memory.sample((5000,), torch.Generator(CUDA).manual_seed(3))
+    assert bool((shared[1:] >= shared[:-1]).all())  # sorted for the gather
     counts = torch.bincount(draw.flatten().cpu(), minlength=1000).double()
     expected = draw.numel() / 1000
     chi2 = float(((counts - expected) ** 2 / expected).sum())
@@ -98,3 +102,29 @@ def test_pretrain_on_the_gpu_with_amp_runs_and_resumes(tmp_path) -> None:
     assert resumed.epoch == 3 and resumed.step == steps * 3 // 2
     metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     assert len(metrics) == 4 and all(math.isfinite(float(r.split(",")[2])) for r in metrics[1:])
+
+
+def test_prefetched_batches_arrive_on_the_gpu_unchanged() -> None:
+    gen = torch.Generator().manual_seed(0)
+    items = [
+        (
+            (
+                (torch.randint(0, 256, (4, 3, 8, 8), generator=gen, dtype=torch.uint8),),
+                torch.arange(4),
+            ),
+            0,
+        ),
+        (None, 4),
+        (
+            (
+                (torch.randint(0, 256, (4, 3, 8, 8), generator=gen, dtype=torch.uint8),),
+                torch.arange(4, 8),
+            ),
+            1,
+        ),
+    ]
+    got = list(prefetched(items, CUDA))
+    assert [g[1] for g in got] == [0, 4, 1] and got[1][0] is None
+    for (want, _), (batch, _) in zip(items[::2], got[::2], strict=True):
+        assert batch[0][0].is_cuda and torch.equal(batch[0][0].cpu(), want[0][0])
+        assert torch.equal(batch[1].cpu(), want[1])
