@@ -22,17 +22,23 @@ def machine() -> str:
     return f"CPU {cpu}, {threads} torch threads; GPU: {gpu}; torch {torch.__version__}"
 
 
+def sections_of(text: str) -> dict[str, str]:
+    """The '## ' sections of a Markdown file, keyed by their header line."""
+    out: dict[str, str] = {}
+    for chunk in ("\n" + text).split("\n## ")[1:]:
+        header = "## " + chunk.splitlines()[0]
+        out[header] = ("## " + chunk).rstrip()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="BENCHMARKS.md")
     parser.add_argument("--only", nargs="*", default=None, help="module names to run")
     args = parser.parse_args()
-    sections = [
-        "# Benchmarks",
-        "",
-        f"Written by `make bench` on {time.strftime('%Y-%m-%d')}. Machine: {machine()}.",
-        "",
-    ]
+    out = Path(args.out)
+    kept = sections_of(out.read_text()) if out.exists() else {}
+    fresh: dict[str, str] = {}
     for name in MODULES:
         if args.only and name.split(".")[-1] not in args.only:
             continue
@@ -43,9 +49,20 @@ def main() -> None:
                 raise
             continue
         print(f"running {name} ...", flush=True)
-        sections += [module.run().rstrip(), ""]
-    Path(args.out).write_text("\n".join(sections))
-    print(f"wrote {args.out}")
+        fresh.update(sections_of(module.run()))
+    kept = {h: body for h, body in kept.items() if h not in fresh}
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `make bench` on {time.strftime('%Y-%m-%d')}; this run's machine: "
+        f"{machine()}. Sections from earlier runs (another machine, a GPU, or modules not "
+        "re-run) are kept until re-run; each names its machine.",
+        "",
+    ]
+    for body in [*fresh.values(), *kept.values()]:
+        lines += [body, ""]
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

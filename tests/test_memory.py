@@ -99,3 +99,23 @@ def test_init_is_the_same_for_any_thread_count_and_uniform_before_normalising() 
     assert not torch.equal(one[:1000], one[memory.INIT_ROWS :])  # chunks seeded apart
     # Directions of a uniform cube: each coordinate's sign is a fair coin.
     assert abs((one > 0).float().mean().item() - 0.5) < 0.01
+
+
+def test_sorted_uniform_is_sorted_uniform_and_independent_of_the_sort() -> None:
+    """Renyi's construction against randint + sort: same per-position order statistics
+    (k-th smallest of n uniforms has mean k / (n + 1)), uniform counts (chi-square)."""
+    gen = torch.Generator().manual_seed(0)
+    high, n, reps = 1000, 50, 4000
+    draws = memory.sorted_uniform(high, (reps, n), gen)
+    assert draws.dtype == torch.int64 and draws.min() >= 0 and draws.max() < high
+    assert bool((draws[:, 1:] >= draws[:, :-1]).all())
+    counts = torch.bincount(draws.flatten(), minlength=high).double()
+    expected = reps * n / high
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < (high - 1) + 5 * (2 * (high - 1)) ** 0.5
+    ref = torch.randint(0, high, (reps, n), generator=gen).sort(dim=1).values
+    k = torch.arange(1, n + 1, dtype=torch.float64)
+    want = k / (n + 1) * high - 0.5  # mean of floor(high * U_(k))
+    se = high * (k * (n + 1 - k) / ((n + 1) ** 2 * (n + 2) * reps)).sqrt()
+    for got in (draws, ref):  # the test itself holds for the reference
+        assert bool(((got.double().mean(0) - want).abs() < 5 * se + 0.01).all())
