@@ -29,7 +29,7 @@ from PIL import Image
 from skimage import data as skdata
 
 import pirl.memory
-from pirl.augment import BatchAugment, CropTransform
+from pirl.augment import BatchAugment, CropTransform, resized_crops
 from pirl.data import ImageDataset, collate_skipping, list_images
 from pirl.jigsaw import JigsawGeometry, PirlTransform
 from pirl.memory import MemoryBank
@@ -100,6 +100,17 @@ def augmentation_rows(batch: int = 64) -> tuple[list[str], float]:
         u8 = torch.stack([a for a, _ in crops]), torch.stack([b for _, b in crops])
         t_crop = cpu_seconds(lambda: [crop(im) for im in imgs]) / batch
         t_ops = cpu_seconds(lambda: aug(*u8, gen)) / batch
+        boxer = CropTransform(geo, resize=False)
+        t_box = cpu_seconds(lambda: [boxer(im) for im in imgs]) / batch
+        ((full, boxes), _, _), _ = collate_skipping(
+            [(boxer(im), 0, i) for i, im in enumerate(imgs[:8])], pad_first_view=True
+        )
+        t_resize = cpu_seconds(
+            lambda: (
+                resized_crops(full, boxes[:, 0], geo.image_size),
+                resized_crops(full, boxes[:, 1], geo.source_size),
+            )
+        ) / len(boxes)
         t_pil_crop = cpu_seconds(
             lambda: [(pil.image_crop(im), pil.source_crop(im)) for im in imgs[: batch // 2]]
         ) / (batch // 2)
@@ -115,6 +126,10 @@ def augmentation_rows(batch: int = 64) -> tuple[list[str], float]:
         f"| - of which the worker's two crops | {1e3 * t_crop:.2f} | {1 / t_crop:.0f} |",
         f"| - of which the batch ops (jigsaw cut, jitter, gray, flip, norm) | {1e3 * t_ops:.2f} "
         f"| {1 / t_ops:.0f} |",
+        f"| --resize-on-device: the worker (image to tensor, two boxes) | {1e3 * t_box:.2f} "
+        f"| {1 / t_box:.0f} |",
+        f"| --resize-on-device: the two resizes as matrix products, here on the CPU | "
+        f"{1e3 * t_resize:.2f} | {1 / t_resize:.0f} |",
         f"| PIL path without its crops (the part moved to the batch) | "
         f"{1e3 * (t_pil - t_pil_crop):.2f} | {1 / (t_pil - t_pil_crop):.0f} |",
     ]
@@ -123,7 +138,12 @@ def augmentation_rows(batch: int = 64) -> tuple[list[str], float]:
         f"Whole path: batched is {t_pil / t_batched:.1f}x the PIL path in samples/s/core; the "
         f"part that moved to the batch is {(t_pil - t_pil_crop) / t_ops:.1f}x faster. The two "
         f"crops ({1e3 * t_crop:.2f} ms, PIL resampling, identical in both paths) now dominate; "
-        "on a GPU node the batch ops leave the CPU entirely.",
+        "on a GPU node the batch ops leave the CPU entirely, so each core feeds "
+        f"{1 / t_crop:.0f} samples/s, {t_pil / t_crop:.1f}x the PIL path; with "
+        f"--resize-on-device the worker's part is {1e3 * t_box:.2f} ms, {t_pil / t_box:.0f}x the "
+        "PIL path per core, and the resize moves to the GPU (dense matrix products: cheap "
+        "there, far dearer than PIL's sparse filter on a CPU, so CPU runs keep the resize in "
+        "the workers).",
     ]
     return rows + notes, t_pil / t_batched
 
@@ -306,15 +326,20 @@ def loading_rows(step_images_s: float, n: int = 96, workers: int | None = None) 
         for i, im in enumerate(photos(n)):
             im.save(root / f"{i:04d}.jpg", quality=90)
         images = list_images(root.parent)
-        for name, transform in (
-            ("batched path: decode + two crops", CropTransform(geo)),
-            ("PIL path: decode + full augmentation", PirlTransform(geo)),
+        for name, transform, pad in (
+            ("batched path: decode + two crops", CropTransform(geo), False),
+            (
+                "batched path, --resize-on-device: decode + two boxes (+ padding)",
+                CropTransform(geo, resize=False),
+                True,
+            ),
+            ("PIL path: decode + full augmentation", PirlTransform(geo), False),
         ):
             loader = torch.utils.data.DataLoader(
                 ImageDataset(images, transform),
                 batch_size=16,
                 num_workers=workers,
-                collate_fn=collate_skipping,
+                collate_fn=partial(collate_skipping, pad_first_view=pad),
                 persistent_workers=True,
             )
             for _ in loader:  # start the workers and warm their caches
@@ -417,7 +442,7 @@ def run(step_batches: tuple[int, ...] | None = None) -> str:
             f"Memory bank for {IMAGENET:,} entries and the first negative draw: "
             f"{startup[0]:.2f} s wall, {startup[1]:.2f} s CPU over "
             f"{torch.get_num_threads()} threads (no sampler object: negatives are one "
-            "vectorised randint per term and step).",
+            "vectorised draw per term and step).",
             "",
             f"### Step overhead ({device.type}{'' if cuda else ', 1 thread'})",
             "",

@@ -274,18 +274,55 @@ def _cut_by_gather(sources: torch.Tensor, p: int, y0: torch.Tensor, x0: torch.Te
     return windows[b, y0.to(sources.device), x0.to(sources.device)]
 
 
+def pil_bilinear_weights(
+    start: torch.Tensor, length: torch.Tensor, size: int, n_in: int
+) -> torch.Tensor:
+    """(B, size, n_in) weights of PIL's antialiased bilinear resize of the crops
+    [start, start + length) of an axis of n_in pixels to `size` pixels: a triangle of
+    half-width max(length / size, 1) around each output centre, cut at the crop's edges (as
+    torchvision crops, then resizes) and normalised (Pillow's precompute_coeffs)."""
+    dev = start.device
+    scale = length.double() / size
+    width = scale.clamp(min=1).view(-1, 1, 1)
+    centre = (torch.arange(size, device=dev, dtype=torch.float64) + 0.5) * scale.view(-1, 1)
+    x = torch.arange(n_in, device=dev, dtype=torch.float64) - start.view(-1, 1)  # in the crop
+    w = (1 - (x.unsqueeze(1) + 0.5 - centre.unsqueeze(2)).abs() / width).clamp_(min=0)
+    w *= ((x >= 0) & (x < length.view(-1, 1))).unsqueeze(1)
+    return w.div_(w.sum(-1, keepdim=True)).float()
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, 3, H, W) images (zero-padded) and (B, 4) boxes (top, left, height, width)
+    -> uint8 (B, 3, size, size): each box resized as PIL resizes it (within about one grey
+    level: PIL rounds to 8 bits between its two passes), as two batched matrix products."""
+    top, left, height, width = boxes.to(images.device).unbind(1)
+    wy = pil_bilinear_weights(top, height, size, images.shape[2])
+    wx = pil_bilinear_weights(left, width, size, images.shape[3])
+    rows = images.float() @ wx.transpose(1, 2).unsqueeze(1)  # horizontal pass first, as PIL
+    return (wy.unsqueeze(1) @ rows).round_().clamp_(0, 255).to(torch.uint8)
+
+
 class CropTransform:
     """Worker side of the batched path: the two independent random crops as uint8 tensors.
 
     Returns (image (3, H, H), source (3, S, S)); without patches (NPID++) the source is empty.
+    With resize=False the worker only draws the two boxes and returns (the whole image
+    (3, h, w), boxes (k, 4) as (top, left, height, width)); resized_crops does the rest on
+    the training device, from the same random boxes.
     """
 
-    def __init__(self, geometry: JigsawGeometry, with_patches: bool = True) -> None:
-        self.with_patches = with_patches
+    def __init__(
+        self, geometry: JigsawGeometry, with_patches: bool = True, resize: bool = True
+    ) -> None:
+        self.with_patches, self.resize = with_patches, resize
         self.image_crop = T.RandomResizedCrop(geometry.image_size, scale=(0.08, 1.0))
         self.source_crop = T.RandomResizedCrop(geometry.source_size, scale=(0.6, 1.0))
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.resize:
+            crops = [self.image_crop] + ([self.source_crop] if self.with_patches else [])
+            boxes = [c.get_params(img, c.scale, c.ratio) for c in crops]
+            return TF.pil_to_tensor(img), torch.tensor(boxes)
         image = TF.pil_to_tensor(self.image_crop(img))
         if not self.with_patches:
             return image, torch.empty(0, dtype=torch.uint8)

@@ -128,3 +128,12 @@ def test_prefetched_batches_arrive_on_the_gpu_unchanged() -> None:
     for (want, _), (batch, _) in zip(items[::2], got[::2], strict=True):
         assert batch[0][0].is_cuda and torch.equal(batch[0][0].cpu(), want[0][0])
         assert torch.equal(batch[1].cpu(), want[1])
+
+
+def test_resized_crops_on_the_gpu_equal_the_cpu() -> None:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 120, 90), dtype=torch.uint8, generator=gen)
+    boxes = torch.tensor([[0, 0, 120, 90], [10, 5, 30, 40], [50, 20, 70, 70], [3, 3, 8, 9]])
+    want = A.resized_crops(images, boxes, 64)
+    got = A.resized_crops(images.to(CUDA), boxes.to(CUDA), 64)
+    assert got.is_cuda and (got.cpu().int() - want.int()).abs().max() <= 1
