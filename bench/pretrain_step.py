@@ -224,19 +224,16 @@ def startup_seconds() -> tuple[float, float]:
 
 
 def step_rows(
-    device: torch.device, batch: int, reps: int, compiled: bool = False
+    device: torch.device, batch: int, reps: int, compiled: bool = False, resize: bool = False
 ) -> tuple[list[str], float]:
     """The training loop's own step (Trainer.train_step: batched augmentation on the device,
     trunk on 1 image + 9 patches, heads, NCE, backward, SGD, bank update; bf16 autocast and
-    channels_last on a GPU) against a bare trunk forward + backward on the same views."""
+    channels_last on a GPU) against a bare trunk forward + backward on the same views.
+    resize: the views arrive as whole images + boxes and are resized in the step."""
     geo = JigsawGeometry()
-    crop = CropTransform(geo)
-    crops = [crop(im) for im in photos(min(batch, 64))]
-    reps_needed = -(-batch // len(crops))
-    views = (
-        torch.stack([a for a, _ in crops] * reps_needed)[:batch],
-        torch.stack([b for _, b in crops] * reps_needed)[:batch],
-    )
+    crop = CropTransform(geo, resize=not resize)
+    samples = [(crop(im), 0, i) for i, im in enumerate(photos(batch))]
+    views = collate_skipping(samples, pad_first_view=resize)[0][0]
     cuda = device.type == "cuda"
     copy_rows = []
     if cuda:  # training copies pinned batches on a side stream during the step (prefetched)
@@ -265,7 +262,7 @@ def step_rows(
     neg_gen = torch.Generator(device).manual_seed(1)
     idx = torch.arange(batch, device=device)
     perm = torch.empty(0)
-    images, patches = device_views(views, aug, device, gen, True)
+    images, patches = device_views(views, aug, device, gen, True, resize)
 
     def trunk_sum(images: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         flat = patches.flatten(0, 1)
@@ -282,7 +279,7 @@ def step_rows(
         model.zero_grad(set_to_none=True)
 
     def full() -> None:
-        im, pa = device_views(views, aug, device, gen, True)
+        im, pa = device_views(views, aug, device, gen, True, resize)
         trainer.train_step(run_model, im, pa, idx, perm, neg_gen, 0.01, cuda)
 
     model.train()
@@ -296,8 +293,10 @@ def step_rows(
         for k, fn in variants.items():
             times[k].append(timed(fn, 1, cuda, warm=False)[pick])
     t_bare, t_full = (float(np.median(times[k])) for k in ("bare", "full"))
-    amp = (", bf16 autocast, channels_last" if cuda else "") + (
-        ", torch.compile" if compiled else ""
+    amp = (
+        (", bf16 autocast, channels_last" if cuda else "")
+        + (", --resize-on-device" if resize else "")
+        + (", torch.compile" if compiled else "")
     )
     rows = [
         f"| step (ResNet-50, 224-px image + 9 x 64-px patches per sample, batch {batch}{amp}) "
@@ -409,9 +408,13 @@ def run(step_batches: tuple[int, ...] | None = None) -> str:
         torch.set_num_threads(1)
     try:
         st_rows: list[str] = []
-        runs = [(b, False) for b in batches] + ([(batches[-1], True)] if cuda else [])
-        for batch, compiled in runs:
-            rows, step_rate = step_rows(device, batch, 10 if cuda else 5, compiled)
+        runs = [(b, False, False) for b in batches]
+        if cuda:
+            runs += [(batches[-1], True, False), (batches[-1], True, True)]
+        step_rate = 0.0  # the fastest step, for the loader comparison
+        for batch, compiled, resize in runs:
+            rows, rate = step_rows(device, batch, 10 if cuda else 5, compiled, resize)
+            step_rate = max(step_rate, rate)
             st_rows += [*rows, ""]
     finally:
         torch.set_num_threads(threads)
