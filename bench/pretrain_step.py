@@ -282,9 +282,21 @@ def step_rows(
         im, pa = device_views(views, aug, device, gen, True, resize)
         trainer.train_step(run_model, im, pa, idx, perm, neg_gen, 0.01, cuda)
 
+    dim = model.trunk.out_dim
+    pooled_i = torch.randn(batch, dim, device=device, requires_grad=True)
+    pooled_p = torch.randn(batch * 9, dim, device=device, requires_grad=True)
+
+    def extras() -> None:  # everything of the step but the trunk, on pooled stand-ins
+        device_views(views, aug, device, gen, True, resize)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            f, g = model.heads.f(pooled_i), model.heads.g(pooled_p)
+        trainer.criterion(f.float(), g.float(), idx, neg_gen).backward()
+        trainer.memory.update(idx, f.detach().float())
+        trainer.optimizer.step()
+
     model.train()
     pick = 0 if cuda else 1  # GPU: wall time; CPU: process CPU time (robust to other jobs)
-    variants = {"bare": bare, "full": full}
+    variants = {"bare": bare, "full": full, "extras": extras}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():
         fn()  # warm-up (cuDNN autotuning, SGD momentum buffers, allocator, caches)
@@ -292,7 +304,7 @@ def step_rows(
     for _ in range(reps):  # interleaved, so drift on a shared machine hits both alike
         for k, fn in variants.items():
             times[k].append(timed(fn, 1, cuda, warm=False)[pick])
-    t_bare, t_full = (float(np.median(times[k])) for k in ("bare", "full"))
+    t_bare, t_full, t_extra = (float(np.median(times[k])) for k in variants)
     amp = (
         (", bf16 autocast, channels_last" if cuda else "")
         + (", --resize-on-device" if resize else "")
@@ -305,6 +317,8 @@ def step_rows(
         f"| bare trunk forward + backward | {t_bare:.3f} | {batch / t_bare:.1f} | 1.00 |",
         f"| full PIRL step (augment, heads, NCE at 32,000 negatives, bank update, SGD) | "
         f"{t_full:.3f} | {batch / t_full:.1f} | {t_full / t_bare:.3f} |",
+        f"| the step's parts beyond the trunk timed alone (bare + these: the step without "
+        f"the noise of two large timings) | {t_extra:.4f} | - | {1 + t_extra / t_bare:.3f} |",
         *copy_rows,
     ]
     return rows, batch / t_full
