@@ -229,8 +229,9 @@ def _positional(
 
 @functools.cache
 def _compiled_positional() -> Callable[..., torch.Tensor]:
-    """_positional compiled once per process (recompiled per view shape: image, patch)."""
-    return torch.compile(_positional, dynamic=False)
+    """_positional compiled once per process: a second view shape (image, patch) or batch
+    size compiles once more, with sizes left dynamic."""
+    return torch.compile(_positional)
 
 
 def jigsaw_draw(
@@ -282,19 +283,20 @@ def pil_bilinear_weights(
     half-width max(length / size, 1) around each output centre, cut at the crop's edges (as
     torchvision crops, then resizes) and normalised (Pillow's precompute_coeffs)."""
     dev = start.device
-    scale = length.double() / size
+    scale = length.float() / size
     width = scale.clamp(min=1).view(-1, 1, 1)
-    centre = (torch.arange(size, device=dev, dtype=torch.float64) + 0.5) * scale.view(-1, 1)
-    x = torch.arange(n_in, device=dev, dtype=torch.float64) - start.view(-1, 1)  # in the crop
+    centre = (torch.arange(size, device=dev, dtype=torch.float32) + 0.5) * scale.view(-1, 1)
+    x = torch.arange(n_in, device=dev, dtype=torch.float32) - start.view(-1, 1)  # in the crop
     w = (1 - (x.unsqueeze(1) + 0.5 - centre.unsqueeze(2)).abs() / width).clamp_(min=0)
     w *= ((x >= 0) & (x < length.view(-1, 1))).unsqueeze(1)
-    return w.div_(w.sum(-1, keepdim=True)).float()
+    return w.div_(w.sum(-1, keepdim=True))
 
 
 def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, 3, H, W) images (zero-padded) and (B, 4) boxes (top, left, height, width)
-    -> uint8 (B, 3, size, size): each box resized as PIL resizes it (within about one grey
-    level: PIL rounds to 8 bits between its two passes), as two batched matrix products."""
+    """(B, 3, H, W) images, uint8 or their float values (zero-padded), and (B, 4) boxes (top,
+    left, height, width) -> uint8 (B, 3, size, size): each box resized as PIL resizes it
+    (within one grey level: PIL rounds to 8 bits between its two passes), as two batched
+    matrix products."""
     top, left, height, width = boxes.to(images.device).unbind(1)
     wy = pil_bilinear_weights(top, height, size, images.shape[2])
     wx = pil_bilinear_weights(left, width, size, images.shape[3])
@@ -306,9 +308,9 @@ class CropTransform:
     """Worker side of the batched path: the two independent random crops as uint8 tensors.
 
     Returns (image (3, H, H), source (3, S, S)); without patches (NPID++) the source is empty.
-    With resize=False the worker only draws the two boxes and returns (the whole image
-    (3, h, w), boxes (k, 4) as (top, left, height, width)); resized_crops does the rest on
-    the training device, from the same random boxes.
+    With resize=False the worker only draws the two boxes and returns (the part of the image
+    that holds them (3, h, w), the boxes inside it (k, 4) as (top, left, height, width));
+    resized_crops does the rest on the training device, from the same random boxes.
     """
 
     def __init__(
@@ -321,8 +323,11 @@ class CropTransform:
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.resize:
             crops = [self.image_crop] + ([self.source_crop] if self.with_patches else [])
-            boxes = [c.get_params(img, c.scale, c.ratio) for c in crops]
-            return TF.pil_to_tensor(img), torch.tensor(boxes)
+            boxes = torch.tensor([c.get_params(img, c.scale, c.ratio) for c in crops])
+            top, left = boxes[:, :2].min(0).values.tolist()
+            bottom, right = (boxes[:, :2] + boxes[:, 2:]).max(0).values.tolist()
+            boxes[:, :2] -= torch.tensor([top, left])  # only their union crosses to the device
+            return TF.pil_to_tensor(img.crop((left, top, right, bottom))), boxes
         image = TF.pil_to_tensor(self.image_crop(img))
         if not self.with_patches:
             return image, torch.empty(0, dtype=torch.uint8)

@@ -83,10 +83,11 @@ class MemoryBank(nn.Module):
 
     def dense(self, batch: int, n: int) -> bool:
         """Whether scores computes (batch, n) per-sample negatives from all (batch, |D|)
-        scores: when the bank is smaller than n or, on a GPU, when those fit DENSE_GPU
-        (streaming the bank through one matrix product beats batch * n random row reads
-        there: BENCHMARKS.md)."""
-        return self.size <= n or (self.bank.is_cuda and batch * self.size <= DENSE_GPU)
+        scores: when the bank is no larger than n or, on a GPU with a float32 bank, when those
+        fit DENSE_GPU (streaming the bank through one matrix product beats batch * n random
+        row reads there: BENCHMARKS.md; a 16-bit bank would need a float32 copy of itself)."""
+        on_gpu = self.bank.is_cuda and self.bank.dtype == torch.float32
+        return self.size <= n or (on_gpu and batch * self.size <= DENSE_GPU)
 
     def scores(self, z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """<m_j, z[b]> in z's dtype: idx (B, N) per-sample negatives, or (N,) one draw shared

@@ -25,11 +25,13 @@ class NCELoss(nn.Module):
         super().__init__()
         self.data_size, self.temperature, self.z_momentum = data_size, temperature, z_momentum
         self.register_buffer("log_z", torch.tensor(float("nan"), dtype=torch.float64))
+        self._z_set = False  # known set: no device sync per step to look at log_z
 
     def forward(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """pos: (B,) and neg: (B, N) raw inner products; returns the batch-mean loss."""
         s = torch.cat([pos.unsqueeze(1), neg], dim=1).float() / self.temperature
-        first = bool(torch.isnan(self.log_z))
+        first = not self._z_set and bool(torch.isnan(self.log_z))
+        self._z_set = True
         if first or self.z_momentum > 0:  # a fixed Z costs nothing after the first step
             with torch.no_grad():
                 batch_log_z = self._batch_log_z(s)

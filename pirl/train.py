@@ -373,6 +373,7 @@ def device_views(
     images, patches = views[0].to(device, non_blocking=True), None
     if resize_on_device:
         geometry, boxes = augment.geometry, views[1].to(device, non_blocking=True)
+        images = images.float()  # once for both crops
         if with_patches:
             patches = resized_crops(images, boxes[:, 1], geometry.source_size)
         images = resized_crops(images, boxes[:, 0], geometry.image_size)
@@ -421,6 +422,8 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
     images = preflight(cfg)
     run = RunDir(cfg.out)
     ckpt_path = run.path("checkpoint.pth")
+    if cfg.resize_on_device and device.type == "cpu" and rank == 0:
+        log.warning("--resize-on-device on the CPU: its dense resize costs ~5x PIL's")
     if cfg.num_negatives > len(images) and rank == 0:
         log.warning(
             "%d negatives from %d images: each is drawn about %.0f times per sample",
