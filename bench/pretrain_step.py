@@ -29,7 +29,7 @@ from PIL import Image
 from skimage import data as skdata
 
 import pirl.memory
-from pirl.augment import BatchAugment, CropTransform, resized_crops
+from pirl.augment import BatchAugment, CropTransform
 from pirl.data import ImageDataset, collate_skipping, list_images
 from pirl.jigsaw import JigsawGeometry, PirlTransform
 from pirl.memory import MemoryBank
@@ -100,17 +100,6 @@ def augmentation_rows(batch: int = 64) -> tuple[list[str], float]:
         u8 = torch.stack([a for a, _ in crops]), torch.stack([b for _, b in crops])
         t_crop = cpu_seconds(lambda: [crop(im) for im in imgs]) / batch
         t_ops = cpu_seconds(lambda: aug(*u8, gen)) / batch
-        boxer = CropTransform(geo, resize=False)
-        t_box = cpu_seconds(lambda: [boxer(im) for im in imgs]) / batch
-        ((full, boxes), _, _), _ = collate_skipping(
-            [(boxer(im), 0, i) for i, im in enumerate(imgs[:8])], pad_first_view=True
-        )
-        t_resize = cpu_seconds(
-            lambda: (
-                resized_crops(full, boxes[:, 0], geo.image_size),
-                resized_crops(full, boxes[:, 1], geo.source_size),
-            )
-        ) / len(boxes)
         t_pil_crop = cpu_seconds(
             lambda: [(pil.image_crop(im), pil.source_crop(im)) for im in imgs[: batch // 2]]
         ) / (batch // 2)
@@ -123,27 +112,21 @@ def augmentation_rows(batch: int = 64) -> tuple[list[str], float]:
         f"| PIL (crops + jigsaw + photometric per image) | {1e3 * t_pil:.2f} | {1 / t_pil:.0f} |",
         f"| batched (crops in the worker + batch ops, batch {batch}) | {1e3 * t_batched:.2f} "
         f"| {1 / t_batched:.0f} |",
-        f"| - of which the worker's two crops | {1e3 * t_crop:.2f} | {1 / t_crop:.0f} |",
+        f"| - of which the worker's two crops (the only part on a GPU node's CPU) | "
+        f"{1e3 * t_crop:.2f} | {1 / t_crop:.0f} |",
         f"| - of which the batch ops (jigsaw cut, jitter, gray, flip, norm) | {1e3 * t_ops:.2f} "
         f"| {1 / t_ops:.0f} |",
-        f"| --resize-on-device: the worker (image to tensor, two boxes) | {1e3 * t_box:.2f} "
-        f"| {1 / t_box:.0f} |",
-        f"| --resize-on-device: the two resizes as matrix products, here on the CPU | "
-        f"{1e3 * t_resize:.2f} | {1 / t_resize:.0f} |",
         f"| PIL path without its crops (the part moved to the batch) | "
         f"{1e3 * (t_pil - t_pil_crop):.2f} | {1 / (t_pil - t_pil_crop):.0f} |",
     ]
     notes = [
         "",
         f"Whole path: batched is {t_pil / t_batched:.1f}x the PIL path in samples/s/core; the "
-        f"part that moved to the batch is {(t_pil - t_pil_crop) / t_ops:.1f}x faster. The two "
-        f"crops ({1e3 * t_crop:.2f} ms, PIL resampling, identical in both paths) now dominate; "
-        "on a GPU node the batch ops leave the CPU entirely, so each core feeds "
-        f"{1 / t_crop:.0f} samples/s, {t_pil / t_crop:.1f}x the PIL path; with "
-        f"--resize-on-device the worker's part is {1e3 * t_box:.2f} ms, {t_pil / t_box:.0f}x the "
-        "PIL path per core, and the resize moves to the GPU (dense matrix products: cheap "
-        "there, far dearer than PIL's sparse filter on a CPU, so CPU runs keep the resize in "
-        "the workers).",
+        f"part that moved to the batch is {(t_pil - t_pil_crop) / t_ops:.1f}x faster. The "
+        f"worker's two crops ({1e3 * t_crop:.2f} ms: torch's 8-bit antialiased resize, PIL's "
+        f"filter within one grey level, where PIL's own crops take {1e3 * t_pil_crop:.2f} ms) "
+        "are all a core does on a GPU node, where the batch ops run on the GPU: "
+        f"{1 / t_crop:.0f} samples/s per core, {t_pil / t_crop:.1f}x the PIL path.",
     ]
     return rows + notes, t_pil / t_batched
 
@@ -224,16 +207,15 @@ def startup_seconds() -> tuple[float, float]:
 
 
 def step_rows(
-    device: torch.device, batch: int, reps: int, compiled: bool = False, resize: bool = False
+    device: torch.device, batch: int, reps: int, compiled: bool = False
 ) -> tuple[list[str], float]:
     """The training loop's own step (Trainer.train_step: batched augmentation on the device,
     trunk on 1 image + 9 patches, heads, NCE, backward, SGD, bank update; bf16 autocast and
-    channels_last on a GPU) against a bare trunk forward + backward on the same views.
-    resize: the views arrive as whole images + boxes and are resized in the step."""
+    channels_last on a GPU) against a bare trunk forward + backward on the same views."""
     geo = JigsawGeometry()
-    crop = CropTransform(geo, resize=not resize)
+    crop = CropTransform(geo)
     samples = [(crop(im), 0, i) for i, im in enumerate(photos(batch))]
-    views = collate_skipping(samples, pad_first_view=resize)[0][0]
+    views = collate_skipping(samples)[0][0]
     cuda = device.type == "cuda"
     copy_rows = []
     if cuda:  # training copies pinned batches on a side stream during the step (prefetched)
@@ -262,7 +244,7 @@ def step_rows(
     neg_gen = torch.Generator(device).manual_seed(1)
     idx = torch.arange(batch, device=device)
     perm = torch.empty(0)
-    images, patches = device_views(views, aug, device, gen, True, resize)
+    images, patches = device_views(views, aug, device, gen, True)
 
     def trunk_sum(images: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         flat = patches.flatten(0, 1)
@@ -279,7 +261,7 @@ def step_rows(
         model.zero_grad(set_to_none=True)
 
     def full() -> None:
-        im, pa = device_views(views, aug, device, gen, True, resize)
+        im, pa = device_views(views, aug, device, gen, True)
         trainer.train_step(run_model, im, pa, idx, perm, neg_gen, 0.01, cuda)
 
     dim = model.trunk.out_dim
@@ -287,7 +269,7 @@ def step_rows(
     pooled_p = torch.randn(batch * 9, dim, device=device, requires_grad=True)
 
     def extras() -> None:  # everything of the step but the trunk, on pooled stand-ins
-        device_views(views, aug, device, gen, True, resize)
+        device_views(views, aug, device, gen, True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             f, g = model.heads.f(pooled_i), model.heads.g(pooled_p)
         trainer.criterion(f.float(), g.float(), idx, neg_gen).backward()
@@ -305,10 +287,8 @@ def step_rows(
         for k, fn in variants.items():
             times[k].append(timed(fn, 1, cuda, warm=False)[pick])
     t_bare, t_full, t_extra = (float(np.median(times[k])) for k in variants)
-    amp = (
-        (", bf16 autocast, channels_last" if cuda else "")
-        + (", --resize-on-device" if resize else "")
-        + (", torch.compile" if compiled else "")
+    amp = (", bf16 autocast, channels_last" if cuda else "") + (
+        ", torch.compile" if compiled else ""
     )
     rows = [
         f"| step (ResNet-50, 224-px image + 9 x 64-px patches per sample, batch {batch}{amp}) "
@@ -339,20 +319,15 @@ def loading_rows(step_images_s: float, n: int = 96, workers: int | None = None) 
         for i, im in enumerate(photos(n)):
             im.save(root / f"{i:04d}.jpg", quality=90)
         images = list_images(root.parent)
-        for name, transform, pad in (
-            ("batched path: decode + two crops", CropTransform(geo), False),
-            (
-                "batched path, --resize-on-device: decode + two boxes (+ padding)",
-                CropTransform(geo, resize=False),
-                True,
-            ),
-            ("PIL path: decode + full augmentation", PirlTransform(geo), False),
+        for name, transform in (
+            ("batched path: decode + two crops", CropTransform(geo)),
+            ("PIL path: decode + full augmentation", PirlTransform(geo)),
         ):
             loader = torch.utils.data.DataLoader(
                 ImageDataset(images, transform),
                 batch_size=16,
                 num_workers=workers,
-                collate_fn=partial(collate_skipping, pad_first_view=pad),
+                collate_fn=collate_skipping,
                 persistent_workers=True,
             )
             for _ in loader:  # start the workers and warm their caches
@@ -422,12 +397,10 @@ def run(step_batches: tuple[int, ...] | None = None) -> str:
         torch.set_num_threads(1)
     try:
         st_rows: list[str] = []
-        runs = [(b, False, False) for b in batches]
-        if cuda:
-            runs += [(batches[-1], True, False), (batches[-1], True, True)]
+        runs = [(b, False) for b in batches] + ([(batches[-1], True)] if cuda else [])
         step_rate = 0.0  # the fastest step, for the loader comparison
-        for batch, compiled, resize in runs:
-            rows, rate = step_rows(device, batch, 10 if cuda else 5, compiled, resize)
+        for batch, compiled in runs:
+            rows, rate = step_rows(device, batch, 10 if cuda else 5, compiled)
             step_rate = max(step_rate, rate)
             st_rows += [*rows, ""]
     finally:

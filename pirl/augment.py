@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
@@ -275,63 +276,34 @@ def _cut_by_gather(sources: torch.Tensor, p: int, y0: torch.Tensor, x0: torch.Te
     return windows[b, y0.to(sources.device), x0.to(sources.device)]
 
 
-def pil_bilinear_weights(
-    start: torch.Tensor, length: torch.Tensor, size: int, n_in: int
-) -> torch.Tensor:
-    """(B, size, n_in) weights of PIL's antialiased bilinear resize of the crops
-    [start, start + length) of an axis of n_in pixels to `size` pixels: a triangle of
-    half-width max(length / size, 1) around each output centre, cut at the crop's edges (as
-    torchvision crops, then resizes) and normalised (Pillow's precompute_coeffs)."""
-    dev = start.device
-    scale = length.float() / size
-    width = scale.clamp(min=1).view(-1, 1, 1)
-    centre = (torch.arange(size, device=dev, dtype=torch.float32) + 0.5) * scale.view(-1, 1)
-    x = torch.arange(n_in, device=dev, dtype=torch.float32) - start.view(-1, 1)  # in the crop
-    w = (1 - (x.unsqueeze(1) + 0.5 - centre.unsqueeze(2)).abs() / width).clamp_(min=0)
-    w *= ((x >= 0) & (x < length.view(-1, 1))).unsqueeze(1)
-    return w.div_(w.sum(-1, keepdim=True))
-
-
-def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, 3, H, W) images, uint8 or their float values (zero-padded), and (B, 4) boxes (top,
-    left, height, width) -> uint8 (B, 3, size, size): each box resized as PIL resizes it
-    (within one grey level: PIL rounds to 8 bits between its two passes), as two batched
-    matrix products."""
-    top, left, height, width = boxes.to(images.device).unbind(1)
-    wy = pil_bilinear_weights(top, height, size, images.shape[2])
-    wx = pil_bilinear_weights(left, width, size, images.shape[3])
-    rows = images.float() @ wx.transpose(1, 2).unsqueeze(1)  # horizontal pass first, as PIL
-    return (wy.unsqueeze(1) @ rows).round_().clamp_(0, 255).to(torch.uint8)
+def resize_u8(image: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """uint8 (3, H, W) and a (top, left, height, width) box -> uint8 (3, size, size), resized
+    with torch's 8-bit antialiased bilinear kernel: PIL's filter and fixed-point arithmetic
+    (within one grey level, tested), 2-3x faster than PIL on one core."""
+    top, left, height, width = box
+    crop = image[None, :, top : top + height, left : left + width]
+    crop = crop.contiguous(memory_format=torch.channels_last)  # the vectorised uint8 kernel
+    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
 
 
 class CropTransform:
     """Worker side of the batched path: the two independent random crops as uint8 tensors.
 
     Returns (image (3, H, H), source (3, S, S)); without patches (NPID++) the source is empty.
-    With resize=False the worker only draws the two boxes and returns (the part of the image
-    that holds them (3, h, w), the boxes inside it (k, 4) as (top, left, height, width));
-    resized_crops does the rest on the training device, from the same random boxes.
+    The boxes are drawn as RandomResizedCrop draws them; the resize is resize_u8's.
     """
 
-    def __init__(
-        self, geometry: JigsawGeometry, with_patches: bool = True, resize: bool = True
-    ) -> None:
-        self.with_patches, self.resize = with_patches, resize
+    def __init__(self, geometry: JigsawGeometry, with_patches: bool = True) -> None:
+        self.with_patches = with_patches
         self.image_crop = T.RandomResizedCrop(geometry.image_size, scale=(0.08, 1.0))
         self.source_crop = T.RandomResizedCrop(geometry.source_size, scale=(0.6, 1.0))
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.resize:
-            crops = [self.image_crop] + ([self.source_crop] if self.with_patches else [])
-            boxes = torch.tensor([c.get_params(img, c.scale, c.ratio) for c in crops])
-            top, left = boxes[:, :2].min(0).values.tolist()
-            bottom, right = (boxes[:, :2] + boxes[:, 2:]).max(0).values.tolist()
-            boxes[:, :2] -= torch.tensor([top, left])  # only their union crosses to the device
-            return TF.pil_to_tensor(img.crop((left, top, right, bottom))), boxes
-        image = TF.pil_to_tensor(self.image_crop(img))
-        if not self.with_patches:
-            return image, torch.empty(0, dtype=torch.uint8)
-        return image, TF.pil_to_tensor(self.source_crop(img))
+        crops = [self.image_crop] + ([self.source_crop] if self.with_patches else [])
+        boxes = [c.get_params(img, c.scale, c.ratio) for c in crops]
+        full = TF.pil_to_tensor(img)
+        out = [resize_u8(full, box, c.size[0]) for c, box in zip(crops, boxes, strict=True)]
+        return out[0], out[1] if self.with_patches else torch.empty(0, dtype=torch.uint8)
 
 
 class BatchAugment:

@@ -129,13 +129,6 @@ def main(ctx: click.Context, debug: bool) -> None:
     "does: one gather of N bank rows instead of B*N, much cheaper.",
 )
 @click.option(
-    "--resize-on-device",
-    is_flag=True,
-    help="Workers only decode and draw the two crop boxes; the crops are resized on the "
-    "training device (PIL's filter as two batched matrix products), so a GPU needs fewer "
-    "CPU cores. Each batch is padded to its largest image.",
-)
-@click.option(
     "--bank-dtype",
     type=click.Choice(["float32", "float16", "bfloat16"]),
     default="float32",

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from pirl.errors import UserError
@@ -100,27 +99,12 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(img), self.images.labels[index], index
 
 
-def collate_skipping(batch: list[Any], pad_first_view: bool = False) -> tuple[Any, int]:
-    """Default collate over the good samples; also returns how many were skipped.
-    pad_first_view: the samples' first views are whole images of different sizes (resized
-    on the device), zero-padded at the bottom and right to the largest."""
+def collate_skipping(batch: list[Any]) -> tuple[Any, int]:
+    """Default collate over the good samples; also returns how many were skipped."""
     good = [b for b in batch if b is not None]
     skipped = len(batch) - len(good)
     if not good:
         return None, skipped
-    if pad_first_view:
-        h = max(views[0].shape[-2] for views, *_ in good)
-        w = max(views[0].shape[-1] for views, *_ in good)
-        good = [
-            (
-                (
-                    F.pad(views[0], (0, w - views[0].shape[-1], 0, h - views[0].shape[-2])),
-                    *views[1:],
-                ),
-                *rest,
-            )
-            for views, *rest in good
-        ]
     return torch.utils.data.default_collate(good), skipped
 
 

@@ -7,7 +7,6 @@ Run with `pirl-tools pretrain ...`, `pirl-tools pretrain --nproc K ...`, or
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import logging
 import math
@@ -25,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from pirl.augment import BatchAugment, CropTransform, resized_crops
+from pirl.augment import BatchAugment, CropTransform
 from pirl.data import (
     ImageDataset,
     ImageList,
@@ -114,7 +113,6 @@ class PretrainConfig:
     compile: bool = False  # torch.compile the model: fused kernels on a GPU, slow first step
     augment: str = "batched"
     shared_negatives: bool = False  # one draw of N negatives per batch; VISSL draws per sample
-    resize_on_device: bool = False  # workers send decoded images + crop boxes (pirl/augment.py)
     bank_dtype: str = "float32"
     skip_bad_images: bool = False
     resume: bool = False
@@ -136,8 +134,6 @@ class PretrainConfig:
             cfg.lr = 0.03 * cfg.batch_size / 256
         if cfg.augment not in AUGMENTS:
             raise UserError(f"--augment {cfg.augment}: choose from {list(AUGMENTS)}")
-        if cfg.resize_on_device and (cfg.augment != "batched" or cfg.method == "jigsaw"):
-            raise UserError("--resize-on-device needs --augment batched and a contrastive method")
         if cfg.bank_dtype not in BANK_DTYPES:
             raise UserError(f"--bank-dtype {cfg.bank_dtype}: choose from {list(BANK_DTYPES)}")
         return cfg
@@ -273,7 +269,7 @@ def build_loader(
     elif cfg.augment == "pil":
         transform = PirlTransform(geometry, with_patches)
     else:
-        transform = CropTransform(geometry, with_patches, resize=not cfg.resize_on_device)
+        transform = CropTransform(geometry, with_patches)
     dataset = ImageDataset(images, transform, skip_bad=cfg.skip_bad_images)
     per_rank = max(1, cfg.batch_size // world)
     gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, rank))
@@ -290,7 +286,7 @@ def build_loader(
         sampler=sampler,
         generator=gen,
         num_workers=cfg.num_workers,
-        collate_fn=functools.partial(collate_skipping, pad_first_view=cfg.resize_on_device),
+        collate_fn=collate_skipping,
         drop_last=len(dataset) > per_rank * world,
         pin_memory=torch.cuda.is_available(),
     )
@@ -365,19 +361,11 @@ def device_views(
     device: torch.device,
     generator: torch.Generator,
     with_patches: bool,
-    resize_on_device: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images, patches or None) on the device: the PIL path's tensors as they are, or the
-    batched path's uint8 crops augmented there (only uint8 crosses to the GPU); with
-    resize_on_device the crops are first cut from the whole images by their boxes."""
+    batched path's uint8 crops augmented there (only uint8 crosses to the GPU)."""
     images, patches = views[0].to(device, non_blocking=True), None
-    if resize_on_device:
-        geometry, boxes = augment.geometry, views[1].to(device, non_blocking=True)
-        images = images.float()  # once for both crops
-        if with_patches:
-            patches = resized_crops(images, boxes[:, 1], geometry.source_size)
-        images = resized_crops(images, boxes[:, 0], geometry.image_size)
-    elif with_patches:
+    if with_patches:
         patches = views[1].to(device, non_blocking=True)
     if augment is not None:
         images, patches, _ = augment(images, patches, generator)
@@ -422,8 +410,6 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
     images = preflight(cfg)
     run = RunDir(cfg.out)
     ckpt_path = run.path("checkpoint.pth")
-    if cfg.resize_on_device and device.type == "cpu" and rank == 0:
-        log.warning("--resize-on-device on the CPU: its dense resize costs ~5x PIL's")
     if cfg.num_negatives > len(images) and rank == 0:
         log.warning(
             "%d negatives from %d images: each is drawn about %.0f times per sample",
@@ -475,9 +461,7 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
                 continue
             views, _labels, idx = batch
             perm_b = views[-1]  # jigsaw: the permutation class its transform drew
-            images_b, patches_b = device_views(
-                views, augment, device, aug_gen, with_patches, cfg.resize_on_device
-            )
+            images_b, patches_b = device_views(views, augment, device, aug_gen, with_patches)
             lr = cosine_lr(trainer.step, total, cfg.lr, cfg.final_lr_ratio)
             value = trainer.train_step(
                 model, images_b, patches_b, idx.to(device), perm_b, neg_gen, lr, amp

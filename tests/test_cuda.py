@@ -124,12 +124,3 @@ def test_prefetched_batches_arrive_on_the_gpu_unchanged() -> None:
     assert [s for _, s in got] == [0, 4, 1, 0] and got[1][0] is None
     for (want, _), (sums, _) in zip(items[::2] + items[3:], got[::2] + got[3:], strict=True):
         assert int(sums[0]) == int(want[0][0].sum()) and int(sums[1]) == int(want[1].sum())
-
-
-def test_resized_crops_on_the_gpu_equal_the_cpu() -> None:
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (4, 3, 120, 90), dtype=torch.uint8, generator=gen)
-    boxes = torch.tensor([[0, 0, 120, 90], [10, 5, 30, 40], [50, 20, 70, 70], [3, 3, 8, 9]])
-    want = A.resized_crops(images, boxes, 64)
-    got = A.resized_crops(images.to(CUDA), boxes.to(CUDA), 64)
-    assert got.is_cuda and (got.cpu().int() - want.int()).abs().max() <= 1
