@@ -207,13 +207,12 @@ def _positional(
     """At each of the 4 positions every view takes its own op, as one formula over the batch:
     brightness, contrast and saturation are x <- clamp(f x + (1 - f) target) with the target
     0, the mean luma or the luma per view, and views whose op there is hue take the rotated
-    hue instead. No host syncs and fixed shapes, so torch.compile fuses it into a few
-    kernels (on an H100, 7 ms -> 2 ms for 256 views of 224 px; BENCHMARKS.md)."""
+    hue instead. No host syncs and no data-dependent shapes, so torch.compile fuses it into
+    a few kernels (on an H100, 7 ms -> 2 ms for 256 views of 224 px; BENCHMARKS.md)."""
     x = x.float().div(255)
-    weights = torch.tensor(GRAY_WEIGHTS, device=x.device).view(1, 3, 1, 1)
     for pos in range(4):
         op = p.order[:, pos]
-        luma = (x * weights).sum(1, keepdim=True)
+        luma = grayscale(x)
         f = torch.where(
             op == 0,
             p.brightness,
@@ -223,7 +222,7 @@ def _positional(
         target = torch.where(_col(op == 1), mean, torch.where(_col(op == 2), luma, 0.0))
         blended = (_col(f) * x + _col(1 - f) * target).clamp(0, 1)
         x = torch.where(_col(op == 3), adjust_hue(x.clone(), p.hue), blended)
-    x = torch.where(_col(p.gray), (x * weights).sum(1, keepdim=True).expand_as(x), x)
+    x = torch.where(_col(p.gray), grayscale(x).expand_as(x), x)
     x = torch.where(_col(p.flip), x.flip(-1), x)
     return (x - m) / s
 
