@@ -58,6 +58,21 @@ def test_blocked_scores_and_gradient_equal_a_plain_gather() -> None:
         torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gradient_through_a_half_precision_bank_keeps_small_weights(dtype: torch.dtype) -> None:
+    """The backward's weights are cast to the bank's dtype: scaled first, gradients of order
+    1e-9 (below float16's smallest normal) still come out at 16-bit precision."""
+    bank = MemoryBank(300, 8, seed=2, dtype=dtype)
+    idx = bank.sample((5, 70), torch.Generator().manual_seed(3))
+    weights = torch.randn(5, 70, generator=torch.Generator().manual_seed(5)) * 1e-9
+    z = F.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(4)), dim=1)
+    z.requires_grad_()
+    (bank.scores(z, idx) * weights).sum().backward()
+    want = torch.einsum("bn,bnd->bd", weights.double(), bank.bank[idx].double())
+    err = (z.grad.double() - want).norm(dim=1) / want.norm(dim=1)
+    assert err.max() < 2 * torch.finfo(dtype).eps
+
+
 def test_shared_negatives_score_one_draw_for_the_whole_batch() -> None:
     bank = MemoryBank(500, 8, seed=5)
     z = F.normalize(torch.randn(4, 8), dim=1)
