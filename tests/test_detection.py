@@ -119,14 +119,14 @@ def test_batchnorm_frozen_and_stem_res2_frozen():
 
 def test_schedule_scaling_and_warmup():
     s = Schedule.scaled()
-    assert (s.iters, s.batch_size, s.base_lr) == (25000, 16, 0.02)
+    assert (s.iters, s.batch_size, s.base_lr) == (25000, 16, 0.002)
     assert (s.steps, s.warmup) == ((17000,), 1000)
-    assert s.lr(0) == pytest.approx(0.02 * 0.001)
-    assert s.lr(500) == pytest.approx(0.02 * (0.001 * 0.5 + 0.5))
-    assert s.lr(1000) == s.lr(16999) == pytest.approx(0.02)
-    assert s.lr(17000) == pytest.approx(0.002)
+    assert s.lr(0) == pytest.approx(0.002 * 0.001)
+    assert s.lr(500) == pytest.approx(0.002 * (0.001 * 0.5 + 0.5))
+    assert s.lr(1000) == s.lr(16999) == pytest.approx(0.002)
+    assert s.lr(17000) == pytest.approx(0.0002)
     small = Schedule.scaled(iters=1000, batch_size=4)
-    assert (small.base_lr, small.steps, small.warmup) == (pytest.approx(0.005), (680,), 40)
+    assert (small.base_lr, small.steps, small.warmup) == (pytest.approx(0.0005), (680,), 40)
     with pytest.raises(UserError):
         Schedule.scaled(iters=0)
     assert parse_sizes("480-800:32") == tuple(range(480, 801, 32))
@@ -151,7 +151,7 @@ def test_detectron2_handover(tmp_path):
     sol = conf["SOLVER"]
     assert (sol["IMS_PER_BATCH"], sol["MAX_ITER"]) == (8, 5000)
     assert (sol["STEPS"], sol["WARMUP_ITERS"]) == ([3400], 200)
-    assert sol["BASE_LR"] == pytest.approx(0.01)
+    assert sol["BASE_LR"] == pytest.approx(0.001)
     assert conf["DATASETS"]["TEST"] == ["pirl_voc_2007_test"]
     with open(pkl, "rb") as fh:
         d2 = pickle.load(fh)
@@ -164,6 +164,35 @@ def test_detectron2_handover(tmp_path):
         write_detectron2_handover(cfg, build_trunk("resnet18"), 20)
     with pytest.raises(UserError, match="full-width"):
         write_detectron2_handover(cfg, build_trunk("resnet50", 0.25), 20)
+
+
+# VISSL configs/config/benchmark/object_detection/voc0712/pirl_npid/rn50_transfer_voc0712_npid_pirl
+# .yaml (WARMUP_ITERS 1000, BASE_LR 0.002) over its base iccv19/rn50_transfer_voc0712_detectron2_e2e
+# (STEPS (17000,), MAX_ITER 25000, IMS_PER_BATCH 16); the rest is detectron2's defaults.
+VISSL_PIRL_VOC0712_SOLVER = {
+    "IMS_PER_BATCH": 16, "BASE_LR": 0.002, "STEPS": [17000], "MAX_ITER": 25000,
+    "WARMUP_ITERS": 1000, "WARMUP_FACTOR": 0.001, "GAMMA": 0.1, "MOMENTUM": 0.9,
+    "WEIGHT_DECAY": 0.0001,
+}  # fmt: skip
+
+
+def test_default_schedule_is_vissls_pirl_voc0712_for_both_backends(tmp_path, monkeypatch):
+    import transfer.detection
+
+    seen = []
+    monkeypatch.setattr(transfer.detection, "run_detection", lambda cfg: seen.append(cfg) or {})
+    res = CliRunner().invoke(detection, ["--voc-root", str(tmp_path), "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    sched = seen[0].schedule  # what the torchvision backend trains with
+    assert sched == Schedule()
+    for it, lr in [(0, 0.002 * 0.001), (999, 0.002 * (0.001 + 0.999 * 0.999)), (1000, 0.002),
+                   (16999, 0.002), (17000, 0.0002), (24999, 0.0002)]:  # fmt: skip
+        assert sched.lr(it) == pytest.approx(lr, rel=1e-12)
+    yaml_path, _ = write_detectron2_handover(seen[0], _randomised_trunk("resnet50", 1.0), 20)
+    solver = json.loads(yaml_path.read_text())["SOLVER"]
+    assert {k: solver[k] for k in VISSL_PIRL_VOC0712_SOLVER} == VISSL_PIRL_VOC0712_SOLVER
+    rpn = json.loads(yaml_path.read_text())["MODEL"]["RPN"]
+    assert (rpn["PRE_NMS_TOPK_TEST"], rpn["POST_NMS_TOPK_TEST"]) == (6000, 1000)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("detectron2") is not None, reason="detectron2 present")

@@ -51,7 +51,10 @@ from transfer.voc_detection import (
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PAPER_ITERS, PAPER_BATCH, PAPER_LR, PAPER_STEP, PAPER_WARMUP = 25_000, 16, 0.02, 17_000, 1_000
+# VISSL's PIRL/NPID VOC07+12 schedule (benchmark/object_detection/voc0712/pirl_npid): its
+# iccv19 base (25k iterations, 16 images, step at 17k) with BASE_LR 0.002 and 1,000 warmup
+# iterations; detectron2's defaults elsewhere (warmup factor 1/1000, momentum 0.9, wd 1e-4).
+PAPER_ITERS, PAPER_BATCH, PAPER_LR, PAPER_STEP, PAPER_WARMUP = 25_000, 16, 0.002, 17_000, 1_000
 PAPER_TRAIN_SIZES = tuple(range(480, 801, 32))
 PAPER_TEST_SIZE, PAPER_MAX_SIZE = 800, 1333
 ANCHOR_SIZES = (32, 64, 128, 256, 512)

@@ -81,8 +81,9 @@ METRIC = click.option(
 @out_option("runs/detection")
 @runtime_options(batch_size=16, num_workers=4)
 @click.option("--iters", type=int, default=25_000, show_default=True)
-@click.option("--lr", type=float, default=0.02, show_default=True,
-              help="Base LR for 16 images; scaled linearly with --batch-size.")  # fmt: skip
+@click.option("--lr", type=float, default=0.002, show_default=True,
+              help="Base LR for 16 images (VISSL's PIRL/NPID VOC07+12 value); scaled "
+                   "linearly with --batch-size.")  # fmt: skip
 @click.option("--train-sets", default="2007/trainval,2012/trainval", show_default=True)
 @click.option("--test-set", default="2007/test", show_default=True)
 @click.option("--train-sizes", default="480-800:32", show_default=True,
