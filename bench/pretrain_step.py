@@ -138,10 +138,12 @@ def plain_step(
     memory = crit.memory
     f, g = f0.clone().requires_grad_(), g0.clone().requires_grad_()
     loss = torch.zeros(())
-    for term, z in ((crit.loss_f, f), (crit.loss_g, g)):
+    for z in (g, f):  # the patch term first: it fixes the shared Z
         neg = torch.randint(0, memory.size, (len(z), crit.num_negatives), generator=gen)
         pos = (memory.bank[idx] * z).sum(1)
-        loss = loss + 0.5 * term(pos, torch.bmm(memory.bank[neg], z.unsqueeze(2)).squeeze(2))
+        loss = loss + 0.5 * crit.criterion(
+            pos, torch.bmm(memory.bank[neg], z.unsqueeze(2)).squeeze(2)
+        )
     loss.backward()
     memory.update(idx, f.detach())
 

@@ -11,14 +11,19 @@ from torch import nn
 
 from pirl.memory import MemoryBank, distributed
 
+# VISSL's NCECriterion adds float32's machine epsilon to every denominator; with 32,000
+# negatives at c = N / |D| = 0.025 it moves the loss by about N * EPS / c = 0.15 nats.
+EPS = float(torch.finfo(torch.float32).eps)
+
 
 class NCELoss(nn.Module):
     """Noise-contrastive estimation against a memory bank (Wu et al. 2018; PIRL eq. 2-3).
 
     s_j = <m_j, z> / T, P_j = exp(s_j) / Z, Z = mean(exp(s)) * |D| fixed at the first call
-    (or tracked by EMA with z_momentum > 0). With c = N / |D|, per sample:
-        -log(P_0 / (P_0 + c)) - sum_j log(c / (P_j + c)),
-    computed as softplus(log c - log P_0) + sum_j softplus(log P_j - log c).
+    (or tracked by EMA with z_momentum > 0); one instance serves every term that shares Z.
+    With c = N / |D| and VISSL's eps = float32 machine epsilon, per sample:
+        -log(P_0 / (P_0 + c + eps)) - sum_j log(c / (P_j + c + eps)),
+    computed as softplus(log(c + eps) - log P_0) + sum_j softplus(log(P_j + eps) - log c).
     """
 
     def __init__(self, data_size: int, temperature: float = 0.07, z_momentum: float = 0.0) -> None:
@@ -42,18 +47,20 @@ class NCELoss(nn.Module):
                     z = m * self.log_z.exp() + (1 - m) * batch_log_z.exp()
                     self.log_z.copy_(z.log())
         log_p = s - self.log_z.float()
-        log_c = math.log(neg.shape[1] / self.data_size)
-        loss = F.softplus(log_c - log_p[:, 0]) + F.softplus(log_p[:, 1:] - log_c).sum(1)
+        c = neg.shape[1] / self.data_size
+        log_p_neg = torch.logaddexp(log_p[:, 1:], torch.tensor(math.log(EPS), device=s.device))
+        loss = F.softplus(math.log(c + EPS) - log_p[:, 0])
+        loss = loss + F.softplus(log_p_neg - math.log(c)).sum(1)
         return loss.mean()
 
     def _batch_log_z(self, s: torch.Tensor) -> torch.Tensor:
-        """log(mean(exp(s)) * |D|) over the batch, averaged over ranks so replicas agree."""
-        log_z = torch.logsumexp(s.double().flatten(), 0) - math.log(s.numel())
-        log_z = log_z + math.log(self.data_size)
+        """log(mean(exp(s)) * |D|), the batch mean averaged over ranks as VISSL averages it
+        (arithmetically), so every replica fixes the same Z."""
+        mean = torch.logsumexp(s.double().flatten(), 0).sub(math.log(s.numel())).exp()
         if distributed():
-            dist.all_reduce(log_z)
-            log_z /= dist.get_world_size()
-        return log_z
+            dist.all_reduce(mean)
+            mean /= dist.get_world_size()
+        return mean.log() + math.log(self.data_size)
 
 
 class InfoNCELoss(nn.Module):
@@ -73,10 +80,11 @@ class InfoNCELoss(nn.Module):
 class PirlLoss(nn.Module):
     """L = lam * NCE(m_I, g(v_I^t)) + (1 - lam) * NCE(m_I, f(v_I)); lam = 0 is NPID++.
 
-    Each term has its own normaliser and its own negatives drawn from the bank: N per sample
-    by default, as VISSL draws them; shared_negatives draws one set of N per batch and term
-    (one gather of N rows and one (B, N) product instead of B*N rows), a cheaper variant
-    that is not the reference's.
+    As VISSL's single NCEAverage: the two terms share one normaliser Z, which the first term
+    computed fixes (the patch term g; the image term f under NPID++), and each term draws its
+    own negatives from the bank, g's first: N per sample by default, as VISSL draws them;
+    shared_negatives draws one set of N per batch and term (one gather of N rows and one
+    (B, N) product instead of B*N rows), a cheaper variant that is not the reference's.
     """
 
     def __init__(
@@ -100,15 +108,14 @@ class PirlLoss(nn.Module):
                 return InfoNCELoss(temperature)
             raise ValueError(f"unknown loss {loss!r}; choose nce or infonce")
 
-        self.loss_f, self.loss_g = make(), make()
+        self.criterion = make()
 
-    def term(
-        self, crit: nn.Module, z: torch.Tensor, idx: torch.Tensor, gen: torch.Generator | None
-    ):
+    def term(self, z: torch.Tensor, idx: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        """One term's loss: z against its bank row and its own draw of negatives."""
         shape = (self.num_negatives,) if self.shared_negatives else (len(z), self.num_negatives)
         neg_idx = self.memory.sample(shape, gen)
         pos = (self.memory.bank[idx].to(z.dtype) * z).sum(1)
-        return crit(pos, self.memory.scores(z, neg_idx))
+        return self.criterion(pos, self.memory.scores(z, neg_idx))
 
     def forward(
         self,
@@ -118,7 +125,7 @@ class PirlLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """f, g: unit embeddings of the image and its patches; idx: data-set indices."""
-        loss = (1 - self.lam) * self.term(self.loss_f, f, idx, generator)
-        if self.lam > 0:
-            loss = loss + self.lam * self.term(self.loss_g, g, idx, generator)
-        return loss
+        if self.lam == 0:
+            return self.term(f, idx, generator)
+        patch_term = self.term(g, idx, generator)  # first, as VISSL: it fixes the shared Z
+        return self.lam * patch_term + (1 - self.lam) * self.term(f, idx, generator)
