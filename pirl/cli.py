@@ -88,6 +88,13 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option(
     "--lr", type=float, default=None, help="Base LR [0.03 * batch / 256; embedded: 0.06]."
 )
+@click.option(
+    "--lr-interval",
+    type=click.Choice(["epoch", "step"]),
+    default="epoch",
+    show_default=True,
+    help="Cosine LR updated once per epoch (VISSL's PIRL) or at every step.",
+)
 @click.option("--num-negatives", type=int, default=None, help="[32000; embedded: 1024].")
 @click.option("--temperature", type=float, default=0.07, show_default=True)
 @click.option("--lam", type=float, default=None, help="Weight of the patch term [method's].")

@@ -58,6 +58,7 @@ METHODS = {"pirl": 0.5, "npid": 0.0, "jigsaw": 1.0}
 # batched: workers only crop, the rest runs on whole batches on the device (pirl/augment.py);
 # pil: the per-image PIL pipeline, kept for comparison. The jigsaw baseline keeps its own.
 AUGMENTS = ("batched", "pil")
+LR_INTERVALS = ("epoch", "step")
 # Published recipe (DESIGN.md sec. 2) and the small embedded default that runs on a laptop.
 PAPER = {
     "arch": "resnet50",
@@ -96,6 +97,7 @@ class PretrainConfig:
     batch_size: int | None = None
     lr: float | None = None
     final_lr_ratio: float = 1e-3
+    lr_interval: str = "epoch"  # cosine updated once per epoch as VISSL; "step" every step
     momentum: float = 0.9
     weight_decay: float = 1e-4
     num_negatives: int | None = None
@@ -134,13 +136,17 @@ class PretrainConfig:
             cfg.lr = 0.03 * cfg.batch_size / 256
         if cfg.augment not in AUGMENTS:
             raise UserError(f"--augment {cfg.augment}: choose from {list(AUGMENTS)}")
+        if cfg.lr_interval not in LR_INTERVALS:
+            raise UserError(f"--lr-interval {cfg.lr_interval}: choose from {list(LR_INTERVALS)}")
         if cfg.bank_dtype not in BANK_DTYPES:
             raise UserError(f"--bank-dtype {cfg.bank_dtype}: choose from {list(BANK_DTYPES)}")
         return cfg
 
 
 class PirlModel(nn.Module):
-    """Shared trunk + heads: the image and the patches pass separately (own BN batches)."""
+    """Shared trunk + heads: the patches pass first, then the image, each its own BN batch, in
+    VISSL's INPUT_KEY_NAMES order (patches, images): BN's running statistics, which every
+    frozen-trunk evaluation uses, end on the image batch."""
 
     def __init__(self, trunk: Trunk, heads: PirlHeads) -> None:
         super().__init__()
@@ -149,29 +155,37 @@ class PirlModel(nn.Module):
     def forward(
         self, images: torch.Tensor, patches: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        f = self.heads.f(self.trunk.pooled(images))
-        if patches is None:
-            return f, None
-        flat = patches.flatten(0, 1)
-        if flat.is_cuda:  # as the images (device_views): cuDNN's fast layout under AMP
-            flat = flat.contiguous(memory_format=torch.channels_last)
-        return f, self.heads.g(self.trunk.pooled(flat))
+        g = None
+        if patches is not None:
+            flat = patches.flatten(0, 1)
+            if flat.is_cuda:  # as the images (device_views): cuDNN's fast layout under AMP
+                flat = flat.contiguous(memory_format=torch.channels_last)
+            g = self.heads.g(self.trunk.pooled(flat))
+        return self.heads.f(self.trunk.pooled(images)), g
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on conv and linear weights only; none on BN parameters and biases."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+def param_groups(
+    model: nn.Module, weight_decay: float, decay_bias: bool = False
+) -> list[dict[str, Any]]:
+    """Weight decay on conv and linear weights, and on linear biases when decay_bias (VISSL's
+    regularize_bias: its NPID++ config sets it, its PIRL config does not); never on BN."""
+    norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+    bn = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        wanted = p.ndim > 1 or (decay_bias and id(p) not in bn)
+        (decay if wanted else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
 
 
-def cosine_lr(step: int, total: int, base: float, final_ratio: float) -> float:
-    """Cosine from base to base * final_ratio over `total` steps (per-step, as published)."""
+def cosine_lr(done: float, base: float, final_ratio: float) -> float:
+    """Cosine from base (done = 0) to base * final_ratio (done = 1), done being the fraction
+    of the run behind us: epoch / epochs as VISSL updates it, or step / steps per step."""
     final = base * final_ratio
-    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(step, total) / total))
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(done, 1.0)))
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -215,7 +229,9 @@ class Trainer:
             self.model.heads.load_state_dict(ckpt["heads"])
             if self.memory is not None:
                 self.memory.bank.copy_(ckpt["memory"]["bank"])
-            self.criterion.load_state_dict(ckpt["nce"], strict=False)
+            missing = self.criterion.load_state_dict(ckpt["nce"], strict=False).missing_keys
+            if any("log_z" in k for k in missing):
+                raise KeyError(f"nce: no {missing[0]} (written before Z was shared)")
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (KeyError, RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0]
@@ -398,7 +414,10 @@ def make_trainer(cfg: PretrainConfig, data_size: int, device: torch.device) -> T
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(  # fused: one pass over the weights (CPU 40 -> 15 ms, R50)
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, fused=True
+        param_groups(model, cfg.weight_decay, decay_bias=cfg.method == "npid"),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        fused=True,
     )
     return Trainer(cfg, model, memory, criterion, optimizer)
 
@@ -443,7 +462,8 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
         epoch = trainer.epoch
         seed_everything(epoch_seed(cfg.seed, epoch, rank))
         # Negatives are drawn on the training device: B*N indices per term need not cross.
-        neg_gen = torch.Generator(device).manual_seed(epoch_seed(cfg.seed + 1, epoch, 0))
+        # Each rank draws its own, as VISSL's per-rank seeds do.
+        neg_gen = torch.Generator(device).manual_seed(epoch_seed(cfg.seed + 1, epoch, rank))
         aug_gen = torch.Generator().manual_seed(epoch_seed(cfg.seed + 2, epoch, rank))
         loader = build_loader(cfg, images, epoch, rank, world, with_patches)
         model.train()
@@ -462,7 +482,8 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
             views, _labels, idx = batch
             perm_b = views[-1]  # jigsaw: the permutation class its transform drew
             images_b, patches_b = device_views(views, augment, device, aug_gen, with_patches)
-            lr = cosine_lr(trainer.step, total, cfg.lr, cfg.final_lr_ratio)
+            done = epoch / cfg.epochs if cfg.lr_interval == "epoch" else trainer.step / total
+            lr = cosine_lr(done, cfg.lr, cfg.final_lr_ratio)
             value = trainer.train_step(
                 model, images_b, patches_b, idx.to(device), perm_b, neg_gen, lr, amp
             )

@@ -115,8 +115,17 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: PretrainConfig, out: str)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    draws = []
+    sample = train.MemoryBank.sample
+
+    def recording(self, shape, generator=None):
+        draws.append(sample(self, shape, generator))
+        return draws[-1]
+
+    train.MemoryBank.sample = recording  # this spawned process only
     trainer = pretrain(cfg)
     torch.save(trainer.memory.bank, Path(out) / f"bank{rank}.pt")
+    torch.save(draws, Path(out) / f"draws{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -130,6 +139,10 @@ def test_ddp_memory_bank_replicas_stay_identical(tiny_folder: Path, tmp_path: Pa
     initial = train.MemoryBank(48, 128, seed=0).bank
     changed = (b0 != initial).any(dim=1)
     assert changed.sum() == 48  # each rank updated its half and received the other half
+    # Each rank draws its own negatives (VISSL seeds every rank apart), every step and term.
+    d0, d1 = torch.load(tmp_path / "draws0.pt"), torch.load(tmp_path / "draws1.pt")
+    assert len(d0) == len(d1) == 2 * 3
+    assert all(not torch.equal(a, b) for a, b in zip(d0, d1, strict=True))
     assert dataclasses.asdict(cfg)["batch_size"] == 16
 
 
@@ -166,3 +179,58 @@ def test_embedded_checkpoint_is_trained_once_and_shared(tiny_folder: Path, monke
     assert read_checkpoint(first)["epoch"] == 1
     monkeypatch.setattr(torch.optim.SGD, "step", lambda *a, **k: pytest.fail("trained again"))
     assert train.embedded_checkpoint("pirl", "cpu", 0, **small) == first
+
+
+def test_patches_pass_the_trunk_before_the_image(tiny_folder: Path, tmp_path: Path) -> None:
+    """VISSL's INPUT_KEY_NAMES order: BN's running statistics end on the image batch."""
+    trainer = train.make_trainer(
+        train.PretrainConfig(data=str(tiny_folder), **TINY).resolved(), 48, torch.device("cpu")
+    )
+    batches = []
+    trainer.model.trunk.conv1.register_forward_pre_hook(lambda m, a: batches.append(len(a[0])))
+    images, patches = torch.randn(4, 3, 32, 32), torch.randn(4, 9, 3, 12, 12)
+    trainer.model(images, patches)
+    assert batches == [36, 4]
+
+
+def test_cosine_lr_is_updated_once_per_epoch(
+    tiny_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """VISSL's PIRL schedule: lr(e) = final + (base - final)(1 + cos(pi e / E)) / 2 for every
+    step of epoch e; --lr-interval step moves it at every step."""
+    seen: list[float] = []
+    real_step = torch.optim.SGD.step
+
+    def recording(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording)
+    pretrain(tiny_config(tiny_folder, tmp_path / "epoch", epochs=2, lr=0.1, loss="infonce"))
+    final = 0.1 * 1e-3
+    assert seen == pytest.approx([0.1] * 3 + [final + (0.1 - final) * 0.5] * 3, rel=1e-12)
+    seen.clear()
+    cfg = tiny_config(tiny_folder, tmp_path / "step", epochs=2, lr=0.1, lr_interval="step")
+    pretrain(dataclasses.replace(cfg, loss="infonce"))
+    assert len(set(seen)) == 6 and seen[0] == 0.1
+    with pytest.raises(UserError, match="--lr-interval month: choose from"):
+        pretrain(tiny_config(tiny_folder, tmp_path / "bad", lr_interval="month"))
+
+
+def test_npid_decays_linear_biases_as_vissl_and_pirl_does_not(tiny_folder: Path) -> None:
+    """VISSL: regularize_bias True for NPID++, False for PIRL; BN never decayed."""
+
+    def decayed(method: str) -> set[str]:
+        cfg = train.PretrainConfig(data=str(tiny_folder), method=method, **TINY).resolved()
+        trainer = train.make_trainer(cfg, 48, torch.device("cpu"))
+        ids = {
+            id(p)
+            for g in trainer.optimizer.param_groups
+            if g["weight_decay"] > 0
+            for p in g["params"]
+        }
+        return {n for n, p in trainer.model.named_parameters() if id(p) in ids}
+
+    npid, pirl = decayed("npid"), decayed("pirl")
+    assert npid - pirl == {"heads.f.proj.bias", "heads.g.proj.bias", "heads.g.combine.bias"}
+    assert all(n.endswith("weight") for n in pirl) and pirl < npid
