@@ -77,9 +77,15 @@ def feature_dim(trunk: Trunk, layer: str) -> int:
 
 
 def resize_transform(size: int = 224) -> T.Compose:
-    """The VOC07 SVM input: the whole image squashed to size x size, ImageNet-normalised."""
+    """The VOC07 SVM input as VISSL makes it: shorter side to 256/224 of size, then the whole
+    image squashed to size x size (two bilinear steps, not one), ImageNet-normalised."""
     return T.Compose(
-        [T.Resize((size, size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        [
+            T.Resize(round(size * 256 / 224)),
+            T.Resize((size, size)),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
     )
 
 

@@ -2,9 +2,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 from pirl.data import ImageDataset, embedded_images, list_images
 from pirl.features import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     FeatureExtractor,
     cache_key,
     dataset_fingerprint,
@@ -93,3 +96,24 @@ def test_cache_key_changes_with_each_part(tmp_path):
     w.write_bytes(b"abcd")
     keys.add(cache_key(**{**base, "weights": weights_fingerprint(w)}))
     assert len(keys) == 5
+
+
+def test_voc07_input_is_vissls_two_resizes_not_one():
+    # VISSL benchmark/linear_image_classification/voc07/eval_resnet_8gpu_transfer_voc07_svm
+    # .yaml: Resize 256 (shorter side), Resize [224, 224], ToTensor, Normalize. On a 300x500
+    # image of fine stripes the first resize blurs what a single squash would alias.
+    rng = np.random.default_rng(0)
+    stripes = (np.arange(300)[None, :, None] % 3 == 0) * 200 + rng.integers(0, 50, (500, 300, 3))
+    img = Image.fromarray(stripes.astype(np.uint8))  # width 300, height 500
+    got = resize_transform(224)(img)
+    by_hand = img.resize((256, 426), Image.BILINEAR).resize((224, 224), Image.BILINEAR)
+    mean, std = (
+        torch.tensor(v)[:, None, None] for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    )
+    want = (torch.from_numpy(np.asarray(by_hand, np.float32) / 255).permute(2, 0, 1) - mean) / std
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    one = T.Compose([T.Resize((224, 224)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    assert (got - one(img)).abs().max() > 0.5
+    # The cached features of the old single-resize input are not served for the new one.
+    key = dict(weights="w", layer="res5", dataset="d")
+    assert cache_key(**key, transform=resize_transform(224)) != cache_key(**key, transform=one)
