@@ -237,8 +237,9 @@ def _compiled_positional() -> Callable[..., torch.Tensor]:
 def jigsaw_draw(
     batch: int, geometry: JigsawGeometry, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, 9, 2) offsets (y, x) uniform in 0..cell-patch and (B, 9) permutations, as published."""
-    hi = geometry.cell - geometry.patch_size + 1
+    """(B, 9, 2) offsets (y, x) uniform in 0..cell-patch-1 (jigsaw.random_offsets' range, as
+    VISSL) and (B, 9) permutations, as published."""
+    hi = max(1, geometry.cell - geometry.patch_size)
     offsets = torch.randint(0, hi, (batch, geometry.num_patches, 2), generator=generator)
     perm = torch.argsort(torch.rand(batch, geometry.num_patches, generator=generator), dim=1)
     return offsets, perm

@@ -42,8 +42,10 @@ class JigsawGeometry:
 def random_offsets(
     geometry: JigsawGeometry, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """(9, 2) offsets (y, x) of each patch inside its cell, uniform in 0..cell-patch."""
-    hi = geometry.cell - geometry.patch_size + 1
+    """(9, 2) offsets (y, x) of each patch inside its cell, uniform in 0..cell-patch-1 as VISSL
+    draws its jitter (randint(0, 21) in the 85-px cell: a 64-px patch never touches the cell's
+    far edge); offset 0 alone when the patch fills the cell."""
+    hi = max(1, geometry.cell - geometry.patch_size)
     return torch.randint(0, hi, (geometry.num_patches, 2), generator=generator)
 
 

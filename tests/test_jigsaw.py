@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from pirl.augment import jigsaw_draw
 from pirl.jigsaw import (
     JigsawGeometry,
     PirlTransform,
@@ -38,7 +40,26 @@ def test_boxes_lie_inside_their_cells() -> None:
             assert row * 85 <= y0 and y1 <= (row + 1) * 85
             assert col * 85 <= x0 and x1 <= (col + 1) * 85
             assert (y1 - y0, x1 - x0) == (64, 64)
-    assert seen == set(range(22))  # offsets 0..21, all reachable
+    assert seen == set(range(21))  # offsets 0..20 (VISSL's randint(0, 21)), all reachable
+
+
+@pytest.mark.parametrize(
+    ("geometry", "offsets"),
+    [
+        (JigsawGeometry(), range(21)),  # published: 85-px cells, 64-px patches
+        (JigsawGeometry.for_image_size(64), range(6)),  # 24-px cells, 18-px patches
+        (JigsawGeometry(6, 6, 3, 2), range(1)),  # the patch fills its cell
+    ],
+)
+def test_offsets_take_vissls_range_in_both_paths(geometry: JigsawGeometry, offsets: range) -> None:
+    """VISSL's ImgPatchesFromTensor draws randint(0, cell - patch): never cell - patch itself."""
+    assert (geometry.cell, geometry.patch_size) in ((85, 64), (24, 18), (2, 2))
+    pil = torch.stack(
+        [random_offsets(geometry, torch.Generator().manual_seed(s)) for s in range(60)]
+    )
+    batched, _ = jigsaw_draw(60, geometry, torch.Generator().manual_seed(0))
+    for drawn in (pil, batched):
+        assert set(drawn.flatten().tolist()) == set(offsets)
 
 
 def test_cut_patches_records_an_invertible_permutation() -> None:
