@@ -5,7 +5,7 @@ import pytest
 
 from pirl.data import embedded_images
 from pirl.errors import UserError
-from transfer.datasets import BENCHMARKS, SPLITS, build_embedded, load_split
+from transfer.datasets import BENCHMARKS, SPLITS, build_embedded, load_split, voc_labels
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,25 @@ def test_imagenet_val_class_must_exist_in_train(roots, tmp_path):
         load_split("imagenet", tmp_path / "missing", "val")
     with pytest.raises(UserError, match="unknown benchmark"):
         load_split("coco", tmp_path, "val")
+
+
+# VISSL extra_scripts/datasets/create_voc_data_files.py writes <split>_labels.npy from the
+# devkit files with -1 (absent) -> 0 and 0 (difficult) -> -1; 1 stays.
+DEVKIT_TO_VISSL = {1: 1, 0: -1, -1: 0}
+
+
+def test_voc_labels_reads_vissl_files_back_into_the_devkit_encoding(roots):
+    devkit = load_split("voc07", roots["voc07"], "trainval").labels
+    assert (devkit == 0).any() and (devkit == -1).any()  # all three values occur
+    vissl = np.vectorize(DEVKIT_TO_VISSL.get)(devkit).astype(np.int32)
+    back = voc_labels(vissl, "vissl")
+    np.testing.assert_array_equal(back, devkit)
+    assert back.dtype == np.int32
+    np.testing.assert_array_equal(voc_labels(devkit, "devkit"), devkit)
+    # read with the wrong encoding, each file has more "difficult" than "absent" entries
+    with pytest.raises(UserError, match=r"y.npy: .* --label-encoding vissl"):
+        voc_labels(vissl, "devkit", "y.npy")
+    with pytest.raises(UserError, match=r"--label-encoding devkit"):
+        voc_labels(devkit, "vissl")
+    with pytest.raises(UserError, match="unknown label encoding"):
+        voc_labels(devkit, "pascal")

@@ -261,6 +261,33 @@ def test_cli_precomputed_features_match_the_library(tmp_path):
     assert bad.exit_code == 2 and "y.npy: expected an (90, classes) array" in bad.output
 
 
+def test_cli_precomputed_vissl_labels_give_the_devkit_map(tmp_path):
+    import json
+
+    x, y = _features(90, 24, 3, seed=6)
+    # the same labels as VISSL's create_voc_data_files.py writes them: 0 absent, -1 difficult
+    vissl = np.select([y == 1, y == 0], [1, -1], 0).astype(np.int32)
+    split = (np.arange(90) % 3 != 0).astype(np.int64)
+    for name, arr in [("x", x), ("devkit", y), ("vissl", vissl), ("s", split)]:
+        np.save(tmp_path / f"{name}.npy", arr)
+    base = ["transfer", "linear", "--features", str(tmp_path / "x.npy"), "--split",
+            str(tmp_path / "s.npy"), "--device", "cpu"]  # fmt: skip
+    values = {}
+    for labels, extra in [("devkit", []), ("vissl", ["--label-encoding", "vissl"])]:
+        out = tmp_path / labels
+        res = _cli([*base, "--labels", str(tmp_path / f"{labels}.npy"), "--out", str(out), *extra])
+        assert res.exit_code == 0, res.output
+        values[labels] = json.loads((out / "results.json").read_text())["value"]
+        assert json.loads((out / "config.json").read_text())["label_encoding"] == labels
+    tr = split == 1
+    want = voc07_svm(x[tr], y[tr], x[~tr], y[~tr])["mAP"]
+    assert values["devkit"] == pytest.approx(want) and values["vissl"] == pytest.approx(want)
+    # read as devkit, the VISSL file would score absent images as ignored: a different mAP
+    assert voc07_svm(x[tr], vissl[tr], x[~tr], vissl[~tr])["mAP"] > want + 1
+    res = _cli([*base, "--labels", str(tmp_path / "vissl.npy"), "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "vissl.npy: read as devkit" in res.output
+
+
 def test_cli_linear_probe_on_imagefolder_and_user_errors(bench_roots, tmp_path):
     import json
 

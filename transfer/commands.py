@@ -36,9 +36,11 @@ from transfer.datasets import (
     BENCHMARKS,
     EMBEDDED_SIZE,
     SPLITS,
+    VOC_LABEL_ENCODINGS,
     Split,
     embedded_benchmarks,
     load_split,
+    voc_labels,
 )
 from transfer.detection_cli import detection, table1
 from transfer.linear import scaled_schedule, train_probe, voc07_svm
@@ -299,7 +301,15 @@ transfer.add_command(table1)
     "labels_path",
     type=click.Path(dir_okay=False),
     default=None,
-    help="With --features: Y.npy (n, classes) in {1 present, 0 difficult, -1 absent}.",
+    help="With --features: Y.npy (n, classes) of 1/0/-1 in the --label-encoding.",
+)
+@click.option(
+    "--label-encoding",
+    type=click.Choice(list(VOC_LABEL_ENCODINGS)),
+    default="devkit",
+    show_default=True,
+    help="; ".join(f"{k}: {v}" for k, v in VOC_LABEL_ENCODINGS.items())
+    + ". Either is converted to devkit on reading.",
 )
 @click.option(
     "--split",
@@ -320,6 +330,7 @@ def linear(
     augment,
     features_path,
     labels_path,
+    label_encoding,
     split_path,
     out,
     device,
@@ -329,7 +340,7 @@ def linear(
 ) -> None:
     """Linear probes of Table 2: VOC07 SVMs or BN + Linear on ImageNet/Places205/iNat18."""
     if features_path is not None:
-        res = run_precomputed(features_path, labels_path, split_path, out, device)
+        res = run_precomputed(features_path, labels_path, split_path, out, device, label_encoding)
     else:
         if weights is None:
             raise UserError("--weights is required (or --features/--labels/--split)")
@@ -360,9 +371,14 @@ def _load_npy(path: str | None, flag: str) -> np.ndarray:
 
 
 def run_precomputed(
-    features: str, labels: str | None, split: str | None, out: str | Path, device: str = "auto"
+    features: str,
+    labels: str | None,
+    split: str | None,
+    out: str | Path,
+    device: str = "auto",
+    label_encoding: str = "devkit",
 ) -> dict:
-    """VOC07 SVM protocol on features someone else extracted."""
+    """VOC07 SVM protocol on features someone else extracted (labels in either encoding)."""
     x = _load_npy(features, "--features")
     y = _load_npy(labels, "--labels")
     s = _load_npy(split, "--split")
@@ -372,6 +388,7 @@ def run_precomputed(
         raise UserError(f"{labels}: expected an ({len(x)}, classes) array of 1/0/-1")
     if s.shape != (len(x),) or not np.isin(s, (0, 1)).all():
         raise UserError(f"{split}: expected ({len(x)},) of 1 (trainval) / 0 (test)")
+    y = voc_labels(y, label_encoding, labels)
     tr = np.asarray(s) == 1
     start = time.perf_counter()
     res = voc07_svm(x[tr], y[tr], x[~tr], y[~tr], device=resolve_device(device))
@@ -384,6 +401,14 @@ def run_precomputed(
         **res,
     }
     run = RunDir(out)
-    run.write_config({"features": features, "labels": labels, "split": split, "device": device})
+    run.write_config(
+        {
+            "features": features,
+            "labels": labels,
+            "label_encoding": label_encoding,
+            "split": split,
+            "device": device,
+        }
+    )
     run.write_results(results)
     return results

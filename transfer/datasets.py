@@ -2,7 +2,8 @@
 
 Each reader returns a `Split`: image paths, labels and class names. VOC07 labels are an
 (n, classes) int8 matrix in {1, 0, -1} (positive, difficult, negative, as the devkit writes
-them); the others are integer class indices.
+them); the others are integer class indices. VISSL's VOC `<split>_labels.npy` files use
+{1 present, 0 absent, -1 difficult}; `voc_labels` converts them to ours.
 
 Layouts read (DIR is --data):
 - voc07: DIR (or DIR/VOC2007, DIR/VOCdevkit/VOC2007) with ImageSets/Main/{trainval,test}.txt,
@@ -102,6 +103,32 @@ def voc07(root: str | Path, split: str) -> Split:
             raise UserError(f"{path}: no label for image {missing}")
     paths = [base / "JPEGImages" / f"{i}.jpg" for i in ids]
     return Split(paths, labels, classes)
+
+
+# What each VOC07 label encoding means; "devkit" is the one every probe uses internally.
+VOC_LABEL_ENCODINGS = {
+    "devkit": "1 present, 0 difficult, -1 absent (the devkit's <class>_<split>.txt)",
+    "vissl": "1 present, 0 absent, -1 difficult (VISSL's <split>_labels.npy)",
+}
+
+
+def voc_labels(labels: np.ndarray, encoding: str, source: str | Path = "labels") -> np.ndarray:
+    """VOC07 labels in the devkit encoding, so a VISSL file's absent (0) is not read as difficult
+    (ignored at test), which would silently raise the mAP; UserError when the file looks like
+    the other encoding (more "difficult" than "absent" entries, never so in VOC)."""
+    if encoding not in VOC_LABEL_ENCODINGS:
+        raise UserError(f"unknown label encoding {encoding!r}; choose from devkit, vissl")
+    labels = np.asarray(labels)
+    difficult, absent = (0, -1) if encoding == "devkit" else (-1, 0)
+    if (labels == difficult).sum() > (labels == absent).sum():
+        other = "vissl" if encoding == "devkit" else "devkit"
+        raise UserError(
+            f"{source}: read as {encoding} ({VOC_LABEL_ENCODINGS[encoding]}) it has more "
+            f"difficult than absent entries; it looks {other}-encoded: --label-encoding {other}"
+        )
+    if encoding == "devkit":
+        return labels
+    return np.select([labels == 1, labels == 0], [1, -1], 0).astype(labels.dtype)
 
 
 def _imagenet(root: str | Path, split: str) -> Split:
