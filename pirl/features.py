@@ -51,7 +51,8 @@ def _stage(layer: str) -> str:
 
 
 def pool_stage(x: torch.Tensor, layer: str) -> torch.Tensor:
-    """Pool a stage map to the benchmark's grid and flatten, so probes see ~9k dims per layer."""
+    """Pool a stage map to the benchmark's grid and flatten channel-major ((C, h, w) order, which
+    the linear probe's per-channel BatchNorm relies on), so probes see ~9k dims per layer."""
     if _stage(layer) != layer:
         return x.mean(dim=(2, 3))
     (k, s, p), ref, grid = BENCHMARK_POOL[layer]
@@ -74,6 +75,12 @@ def feature_dim(trunk: Trunk, layer: str) -> int:
     if layer == "res5avg":
         return channels
     return channels * BENCHMARK_POOL[layer][2] ** 2
+
+
+def feature_channels(trunk: Trunk, layer: str) -> int:
+    """Channels of the pooled (C, h, w) map a feature row flattens channel-major: what the
+    linear probe's BatchNorm normalises over (VISSL's eval_mlp in_channels)."""
+    return trunk.channels[_stage(layer)]
 
 
 def resize_transform(size: int = 224) -> T.Compose:

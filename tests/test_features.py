@@ -11,6 +11,7 @@ from pirl.features import (
     FeatureExtractor,
     cache_key,
     dataset_fingerprint,
+    feature_channels,
     feature_dim,
     pool_stage,
     resize_transform,
@@ -20,6 +21,8 @@ from pirl.trunk import build_trunk
 
 # Published dims for ResNet-50 at 224 (DESIGN.md section 3).
 R50_DIMS = {"conv1": 9216, "res2": 9216, "res3": 8192, "res4": 9216, "res5": 8192, "res5avg": 2048}
+# in_channels of VISSL's eval_mlp heads (eval_resnet_8gpu_transfer_in1k_linear.yaml).
+R50_CHANNELS = {"conv1": 64, "res2": 256, "res3": 512, "res4": 1024, "res5": 2048, "res5avg": 2048}
 
 
 def _out_side(n, k, s, p):
@@ -31,6 +34,7 @@ def test_resnet50_pooled_dims_match_the_benchmark(layer):
     with torch.device("meta"):
         trunk = build_trunk("resnet50")
     assert feature_dim(trunk, layer) == R50_DIMS[layer]
+    assert feature_channels(trunk, layer) == R50_CHANNELS[layer]
     # Shapes without compute: the stage maps of ResNet-50 at 224 on the meta device.
     side = {"conv1": 112, "res2": 56, "res3": 28, "res4": 14, "res5": 7, "res5avg": 7}[layer]
     stage = "res5" if layer == "res5avg" else layer
@@ -39,7 +43,8 @@ def test_resnet50_pooled_dims_match_the_benchmark(layer):
 
 
 def test_published_pooling_is_used_at_224_and_grid_kept_elsewhere():
-    # conv1 at 224: k10 s10 p4 with zero padding counted, checked against a hand loop.
+    # conv1 at 224: k10 s10 p4 with zero padding counted, checked against a hand loop; the row
+    # is the (channels, 12, 12) map flattened channel-major, as the linear probe reads it.
     x = torch.rand(1, 2, 112, 112)
     got = pool_stage(x, "conv1").reshape(2, 12, 12)
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))[0]

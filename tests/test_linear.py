@@ -6,6 +6,7 @@ from sklearn.svm import LinearSVC
 
 from transfer.linear import (
     COSTS,
+    LinearProbe,
     envelope_ap,
     fit_path,
     kfold,
@@ -155,14 +156,71 @@ def test_probe_learns_separable_classes_and_fails_on_shuffled_labels():
             lambda e: batches(x[:300], labels[:300], e),
             lambda: batches(x[300:], y[300:], 0),
             dim=16,
+            channels=16,
             classes=4,
-            epochs=4,
-            milestones=(3,),
+            epochs=8,  # PyTorch's Linear init starts from larger logits than std 0.01 did
+            milestones=(6,),
             batch_size=32,
         )
 
     assert run(y)["top1"] > 95
     assert run(rng.permutation(y))["top1"] < 60
+
+
+def test_probe_is_vissls_eval_mlp_by_hand():
+    # Two rows of a (2 channels, 2 positions) map, channel-major: channel 0 holds 1, 3, 5, 7
+    # and channel 1 holds 8, 2, 4, 6 over the batch and positions: both mean-centred
+    # (means 4 and 5) to deviations of variance 5.
+    x = torch.tensor([[1.0, 3.0, 8.0, 2.0], [5.0, 7.0, 4.0, 6.0]])
+    probe = LinearProbe(channels=2, dim=4, classes=2)
+    bn = probe.bn
+    assert isinstance(bn, torch.nn.BatchNorm2d) and bn.num_features == 2 and bn.affine
+    assert (bn.eps, bn.momentum) == (1e-5, 0.1)  # VISSL HEAD.BATCHNORM_EPS / _MOMENTUM
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([2.0, -1.0]))
+        bn.bias.copy_(torch.tensor([0.5, 1.0]))
+        probe.fc.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, -1.0, 0.0]]))
+        probe.fc.bias.copy_(torch.tensor([0.1, -0.2]))
+    out = probe.train()(x)
+    deviations = np.array([[-3, -1, 3, -3], [1, 3, -1, 1]]) / np.sqrt(5 + 1e-5)
+    normed = deviations * [2, 2, -1, -1] + [0.5, 0.5, 1, 1]
+    want = normed @ np.array([[1, 0, 0, 1], [0, 1, -1, 0]]).T + [0.1, -0.2]
+    np.testing.assert_allclose(out.detach().numpy(), want, rtol=1e-6)
+    # running statistics per channel: 0.1 of the batch mean, 0.9 + 0.1 x unbiased variance 20/3
+    np.testing.assert_allclose(bn.running_mean.numpy(), [0.4, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(bn.running_var.numpy(), [0.9 + 2 / 3] * 2, rtol=1e-6)
+    out.sum().backward()
+    assert bn.weight.grad.abs().sum() > 0 and bn.bias.grad.abs().sum() > 0  # learnable affine
+    with torch.no_grad():  # eval: each channel's running statistics over both its positions
+        got = probe.eval()(x)
+    mean, var = np.repeat([0.4, 0.5], 2), np.repeat([0.9 + 2 / 3] * 2, 2)
+    normed = (x.numpy() - mean) / np.sqrt(var + 1e-5) * [2, 2, -1, -1] + [0.5, 0.5, 1, 1]
+    want = normed @ np.array([[1, 0, 0, 1], [0, 1, -1, 0]]).T + [0.1, -0.2]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 3 channels"):
+        LinearProbe(channels=3, dim=4, classes=2)
+
+
+def test_probe_linear_keeps_pytorchs_init_and_bn_has_no_weight_decay():
+    # VISSL's MLP head keeps nn.Linear's init (scaled by PARAMS_MULTIPLIER 1.0): weight and
+    # bias uniform on +-1/sqrt(fan_in).
+    torch.manual_seed(0)
+    probe = LinearProbe(channels=64, dim=256, classes=400)
+    bound = 1 / 16
+    for p in (probe.fc.weight, probe.fc.bias):
+        v = p.detach().numpy().ravel()
+        assert np.abs(v).max() <= bound and np.abs(v).max() > 0.97 * bound
+        assert v.std() == pytest.approx(bound / np.sqrt(3), rel=0.1)
+        assert abs(v.mean()) < 4 * bound / np.sqrt(3 * v.size)
+    # regularize_bn False, regularize_bias True (eval_resnet_8gpu_transfer_in1k_linear.yaml)
+    groups = probe.param_groups(5e-4)
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert decay == {
+        id(probe.fc.weight): 5e-4,
+        id(probe.fc.bias): 5e-4,
+        id(probe.bn.weight): 0.0,
+        id(probe.bn.bias): 0.0,
+    }
 
 
 @pytest.fixture(scope="module")

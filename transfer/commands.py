@@ -27,6 +27,7 @@ from pirl.features import (
     cache_key,
     center_crop_transform,
     dataset_fingerprint,
+    feature_channels,
     resize_transform,
     weights_fingerprint,
 )
@@ -237,6 +238,7 @@ def _linear_benchmark(
         train_batches,
         lambda: _batches(xte, yte, batch_size, False, 0),
         ext.dim,
+        feature_channels(ext.trunk, ext.layer),
         len(train_split.classes),
         n_epochs,
         milestones,

@@ -372,17 +372,31 @@ def scaled_schedule(benchmark: str, epochs: int | None = None) -> tuple[int, tup
 
 
 class LinearProbe(torch.nn.Module):
-    """BatchNorm (no affine) then Linear: VISSL's eval_mlp head on frozen features."""
+    """VISSL's eval_mlp head: BatchNorm2d with affine over the pooled map's channels, flatten,
+    Linear. Rows are (channels, h, w) maps flattened channel-major (pirl.features.pool_stage),
+    so each channel's statistics are shared by its h x w positions. eps and momentum are
+    VISSL's (PyTorch's) defaults, and the Linear keeps PyTorch's initialisation, which VISSL's
+    MLP head does not replace (its PARAMS_MULTIPLIER is 1)."""
 
-    def __init__(self, dim: int, classes: int) -> None:
+    def __init__(self, channels: int, dim: int, classes: int) -> None:
         super().__init__()
-        self.bn = torch.nn.BatchNorm1d(dim, affine=False)
+        if dim % channels:
+            raise ValueError(f"feature length {dim} is not a multiple of {channels} channels")
+        self.channels = channels
+        self.bn = torch.nn.BatchNorm2d(channels, eps=1e-5, momentum=0.1)
         self.fc = torch.nn.Linear(dim, classes)
-        torch.nn.init.normal_(self.fc.weight, std=0.01)
-        torch.nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.bn(x))
+        maps = x.reshape(len(x), self.channels, -1, 1)
+        return self.fc(self.bn(maps).flatten(1))
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """VISSL's linear benchmark optimiser groups (regularize_bn False, regularize_bias True):
+        weight decay on the Linear's weight and bias, none on the BatchNorm affine."""
+        return [
+            {"params": list(self.fc.parameters()), "weight_decay": weight_decay},
+            {"params": list(self.bn.parameters()), "weight_decay": 0.0},
+        ]
 
 
 def topk_correct(
@@ -398,6 +412,7 @@ def train_probe(
     train_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
     test_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
     dim: int,
+    channels: int,
     classes: int,
     epochs: int,
     milestones: tuple[int, ...],
@@ -405,19 +420,17 @@ def train_probe(
     device: str | torch.device = "cpu",
     log: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Train BN + Linear with the published recipe (SGD Nesterov 0.9, wd 5e-4, LR 0.01 per 256,
-    10x decay at the milestones) on (features, label) batches; return test top-1/top-5 (%).
+    """Train BN + Linear with the published recipe (SGD Nesterov 0.9, wd 5e-4 but not on BN,
+    LR 0.01 per 256, 10x decay at the milestones) on (features, label) batches; return test
+    top-1/top-5 (%).
 
-    train_batches(epoch) yields that epoch's batches (features of augmented images, or shuffled
-    cached features); test_batches() yields the test set once.
+    Features are `dim` long, (channels, h, w) maps flattened channel-major. train_batches(epoch)
+    yields that epoch's batches (features of augmented images, or shuffled cached features);
+    test_batches() yields the test set once.
     """
-    probe = LinearProbe(dim, classes).to(device)
+    probe = LinearProbe(channels, dim, classes).to(device)
     opt = torch.optim.SGD(
-        probe.parameters(),
-        lr=0.01 * batch_size / 256,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=5e-4,
+        probe.param_groups(5e-4), lr=0.01 * batch_size / 256, momentum=0.9, nesterov=True
     )
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), gamma=0.1)
     for epoch in range(epochs):
