@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 
 from analysis.invariance import HEADS, STAGES, LayerInvariance, Runtime, encoder_invariance
-from analysis.knn import KS, encoder_knn
+from analysis.knn import encoder_knn
 from analysis.plots import plot_histograms, plot_layer_curves
 from pirl.data import ImageList, embedded_root, list_images
 from pirl.errors import UserError
+from pirl.knn import KS
 from pirl.options import data_option, out_option, parse_weights, runtime_options, weights_option
 from pirl.runs import RunDir
 from pirl.tables import markdown_table

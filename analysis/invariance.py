@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from analysis.knn import self_match_rate
 from pirl.data import ImageDataset, ImageList, load_image
 from pirl.features import (
     IMAGENET_MEAN,
@@ -41,6 +40,7 @@ from pirl.features import (
     weights_fingerprint,
 )
 from pirl.jigsaw import JigsawGeometry, cut_patches
+from pirl.knn import self_match_rate
 from pirl.weights import Encoder
 
 STAGES = ("conv1", "res2", "res3", "res4", "res5")

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from analysis.knn import KS, KnnIndex, gpu_available, weighted_vote
+from pirl.knn import KS, KnnIndex, gpu_available, weighted_vote
 
 N_TRAIN, N_QUERY, DIM, CLASSES = 50_000, 2_000, 2_048, 100
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
-from analysis.knn import KnnIndex, knn_accuracy, self_match_rate, unit_rows, weighted_vote
+from pirl.knn import KnnIndex, knn_accuracy, self_match_rate, unit_rows, weighted_vote
 
 
 def test_neighbours_equal_sklearn_brute_force_cosine() -> None:
