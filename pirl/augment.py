@@ -5,9 +5,12 @@ per core. Here a worker decodes and takes the two random crops (224-px view, 255
 source) as uint8 tensors; everything else runs on the batch, on the training device:
 the jigsaw cut with per-patch offsets and a per-sample permutation, then for the image and for
 each patch its own ColorJitter(0.4, 0.4, 0.4, 0.2) (the four ops in a random order per view,
-as torchvision draws it), RandomGrayscale(0.2), horizontal flip and ImageNet normalisation.
-Each op computes what torchvision.transforms.functional computes on a float tensor, with a
-per-view factor.
+as torchvision draws it), VISSL's random photometric ops (posterize, sharpness, solarize,
+autocontrast, all four with probability 0.66), RandomGrayscale(0.2), horizontal flip and
+ImageNet normalisation. Each op computes what torchvision.transforms.functional computes on a
+float tensor, with a per-view factor; posterize and solarize act, as PIL's do, on 8-bit
+pixels: here the pixel that PIL's truncating ops would hold for the float x, floor(255 x)
+(less a slack for float noise: LEVEL_SLACK).
 """
 
 from __future__ import annotations
@@ -22,32 +25,47 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from pirl.jigsaw import IMAGENET_MEAN, IMAGENET_STD, JigsawGeometry
+from pirl.jigsaw import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PHOTOMETRIC_P,
+    POSTERIZE_BITS,
+    SHARPNESS_FACTORS,
+    SOLARIZE_THRESHOLDS,
+    JigsawGeometry,
+)
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2)
 
 
 @dataclass(frozen=True)
 class PhotometricSpec:
-    """The published per-view augmentation: ColorJitter(b, c, s, h), grayscale p, flip p."""
+    """The published per-view augmentation: ColorJitter(b, c, s, h), VISSL's random photometric
+    ops with probability photometric, grayscale p, flip p."""
 
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.4
     hue: float = 0.2
+    photometric: float = PHOTOMETRIC_P
     grayscale: float = 0.2
     flip: float = 0.5
 
 
 @dataclass
 class PhotometricParams:
-    """Per-view random parameters; order[i] is the ColorJitter op sequence (0 b, 1 c, 2 s, 3 h)."""
+    """Per-view random parameters; order[i] is the ColorJitter op sequence (0 b, 1 c, 2 s, 3 h);
+    photo[i] says whether the random photometric ops run, with bits, sharpness, threshold."""
 
     order: torch.Tensor
     brightness: torch.Tensor
     contrast: torch.Tensor
     saturation: torch.Tensor
     hue: torch.Tensor
+    photo: torch.Tensor
+    bits: torch.Tensor
+    sharpness: torch.Tensor
+    threshold: torch.Tensor
     gray: torch.Tensor
     flip: torch.Tensor
 
@@ -61,8 +79,8 @@ class PhotometricParams:
 def draw_params(
     n: int, spec: PhotometricSpec = PhotometricSpec(), generator: torch.Generator | None = None
 ) -> PhotometricParams:
-    """Independent parameters for n views with torchvision's distributions (CPU, so seeded
-    runs draw the same numbers whatever the training device)."""
+    """Independent parameters for n views with torchvision's and VISSL's distributions (CPU, so
+    seeded runs draw the same numbers whatever the training device)."""
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return torch.empty(n).uniform_(lo, hi, generator=generator)
@@ -70,7 +88,10 @@ def draw_params(
     def factor(x: float) -> torch.Tensor:
         return uniform(max(0.0, 1 - x), 1 + x)
 
-    return PhotometricParams(
+    def integers(both_ends: tuple[int, int]) -> torch.Tensor:
+        return torch.randint(both_ends[0], both_ends[1] + 1, (n,), generator=generator)
+
+    return PhotometricParams(  # keywords evaluate in order: the jitter's draws come first
         order=torch.argsort(torch.rand(n, 4, generator=generator), dim=1),
         brightness=factor(spec.brightness),
         contrast=factor(spec.contrast),
@@ -78,6 +99,10 @@ def draw_params(
         hue=uniform(-spec.hue, spec.hue),
         gray=torch.rand(n, generator=generator) < spec.grayscale,
         flip=torch.rand(n, generator=generator) < spec.flip,
+        photo=torch.rand(n, generator=generator) < spec.photometric,
+        bits=integers(POSTERIZE_BITS),
+        sharpness=uniform(*SHARPNESS_FACTORS),
+        threshold=integers(SOLARIZE_THRESHOLDS),
     )
 
 
@@ -138,6 +163,64 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# PIL holds ColorJitter's output as 8-bit pixels, truncated (its blends cast to uint8), so the
+# pixel a float level v stands for is floor(v), counted from this far below a level so that
+# float noise (~1e-5 of a level) on values already 8-bit (after posterize, or with jitter off)
+# does not drop them a level.
+LEVEL_SLACK = 1e-3
+
+
+def posterize(v: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """TF.posterize per view (in place on v, in 8-bit levels 0..255) of the 8-bit pixel
+    floor(v + LEVEL_SLACK): its top bits, as PIL keeps v & ~(2^(8-b) - 1); integers out."""
+    step = _col(2 ** (8 - bits)).to(v.dtype)  # a power of two: the division is exact
+    return v.add_(LEVEL_SLACK).div_(step).floor_().mul_(step)  # floor(floor(a) / n) = floor(a / n)
+
+
+def adjust_sharpness(x: torch.Tensor, factor: torch.Tensor, bound: float = 1.0) -> torch.Tensor:
+    """TF.adjust_sharpness per view (in place on x, values in [0, bound]): blend with the 3x3
+    blur of weights 1/13 around 5/13, f x + (1 - f) blur = x + (1 - f) (box sum - 9 x) / 13,
+    the box sum separable; border pixels (all of a view of 2 px or less) keep x, as in TF and
+    PIL. On 8-bit levels the sums are exact, so a flat pixel keeps its level exactly, as PIL."""
+    if x.shape[-2] > 2 and x.shape[-1] > 2:
+        rows = x[..., :-2] + x[..., 1:-1] + x[..., 2:]
+        box = rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]
+        inner = x[..., 1:-1, 1:-1]
+        inner.addcmul_(box.sub_(inner, alpha=9), _col((1 - factor) / 13)).clamp_(0, bound)
+    return x
+
+
+def solarize(v: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """TF.solarize per view (in place on v, in 8-bit levels) at s - LEVEL_SLACK: PIL's
+    v -> 255 - v where v >= s, on the pixel floor(v + LEVEL_SLACK) as PIL truncates its
+    sharpness blend; s = 0 inverts all, s = 256 nothing."""
+    t = _col(threshold.to(v.dtype) - LEVEL_SLACK)
+    inverted = torch.ge(v, t, out=torch.empty_like(v))  # 1.0 or 0.0: no slow bool mask
+    return v.addcmul_(inverted, torch.rsub(v, 255, alpha=2))  # v + (255 - 2 v) where inverted
+
+
+def autocontrast(x: torch.Tensor, bound: float = 1.0) -> torch.Tensor:
+    """TF.autocontrast per view of x / bound (in place on x; [0, 1] out): each channel
+    stretched from its own [min, max]; a constant channel is left as it is."""
+    lo, hi = x.amin(dim=(2, 3)), x.amax(dim=(2, 3))  # 10x faster than aminmax on a CPU
+    scale = 1 / (hi - lo)
+    finite = torch.isfinite(scale)
+    lo = torch.where(finite, lo, 0.0)[..., None, None]
+    scale = torch.where(finite, scale, 1 / bound)[..., None, None]
+    return x.sub_(lo).mul_(scale).clamp_(0, 1)
+
+
+def random_photometric(
+    x: torch.Tensor, bits: torch.Tensor, sharpness: torch.Tensor, threshold: torch.Tensor
+) -> torch.Tensor:
+    """VISSL's ImgPilRandomPhotometric once it has decided to run (in place on x in [0, 1]):
+    posterize, sharpness, solarize, autocontrast, each view with its own magnitudes; in 8-bit
+    levels, where posterize leaves integers, as PIL's ops see their input."""
+    v = posterize(x.mul_(255), bits)
+    solarize(adjust_sharpness(v, sharpness, 255), threshold)
+    return autocontrast(v, 255)
+
+
 JITTER_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
     adjust_brightness,
     adjust_contrast,
@@ -146,16 +229,25 @@ JITTER_OPS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
 )
 
 
-def _group_plan(p: PhotometricParams) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-    """Sort views so that those with the same op sequence, grayscale and flip are contiguous;
-    returns the sort and (start, stop, key) per group (one host sync)."""
+def _group_plan(
+    p: PhotometricParams,
+) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+    """Sort views so that those with the same op sequence, grayscale and flip are contiguous,
+    and within such a group those that run the random photometric ops last (a slice, so the
+    ops' draw does not split groups); returns the sort and (start, split, stop, key) per
+    group, the photometric ops on [split, stop) (one host sync)."""
     digits = torch.tensor([64, 16, 4, 1], device=p.order.device)
     key = ((p.order * digits).sum(1) * 2 + p.gray.long()) * 2 + p.flip.long()
-    key, sort = torch.sort(key, stable=True)
+    key, sort = torch.sort(key * 2 + p.photo.long(), stable=True)
     keys, counts = torch.unique_consecutive(key, return_counts=True)
-    plan, start = [], 0
+    plan: list[tuple[int, int, int, int]] = []
+    start = 0
     for k, n in zip(keys.tolist(), counts.tolist(), strict=True):
-        plan.append((start, start + n, k))
+        group, photo = k >> 1, k & 1
+        if photo and plan and plan[-1][3] == group:  # the group's views without the ops
+            plan[-1] = (plan[-1][0], start, start + n, group)
+        else:
+            plan.append((start, start if photo else start + n, start + n, group))
         start += n
     return sort, plan
 
@@ -167,11 +259,11 @@ def photometric(
     std: tuple[float, ...] = IMAGENET_STD,
     grouped: bool | None = None,
 ) -> torch.Tensor:
-    """uint8 (n, 3, H, W) views -> ColorJitter (ops in each view's order), grayscale, flip,
-    normalisation, as published. Two schedules with the same result: grouped (CPU default)
-    runs views sharing an op sequence together on cache-sized slices, so no view pays for an op
-    it does not use; positional (GPU default, compiled there: the first call of each view
-    shape compiles for ~10 s) is one fused formula per position."""
+    """uint8 (n, 3, H, W) views -> ColorJitter (ops in each view's order), random photometric
+    ops, grayscale, flip, normalisation, as published. Two schedules with the same result:
+    grouped (CPU default) runs views sharing an op sequence together on cache-sized slices, so
+    no view pays for an op it does not use; positional (GPU default, compiled there: the first
+    call of each view shape compiles for ~10 s) is one fused formula per position."""
     grouped = x.device.type == "cpu" if grouped is None else grouped
     m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
@@ -186,13 +278,19 @@ def _grouped(
 ) -> torch.Tensor:
     sort, plan = _group_plan(p)
     factors = [f.index_select(0, sort) for f in (p.brightness, p.contrast, p.saturation, p.hue)]
+    bits, sharpness, threshold = (
+        f.index_select(0, sort) for f in (p.bits, p.sharpness, p.threshold)
+    )
     out = torch.empty(x.shape, device=x.device)
-    for start, stop, key in plan:  # one group at a time, so its work stays in cache
+    for start, split, stop, key in plan:  # one group at a time, so its work stays in cache
         sel = sort[start:stop]
         view = x.index_select(0, sel).float().div_(255)
         for pos in range(4):
             op = (key >> (8 - 2 * pos)) & 3  # base-4 digit pos of the op sequence
             JITTER_OPS[op](view, factors[op][start:stop])
+        if split < stop:  # in place on the group's last views
+            ops = (bits[split:stop], sharpness[split:stop], threshold[split:stop])
+            random_photometric(view[split - start :], *ops)
         if key & 2:
             view.copy_(grayscale(view).expand_as(view))
         if key & 1:
@@ -207,8 +305,9 @@ def _positional(
     """At each of the 4 positions every view takes its own op, as one formula over the batch:
     brightness, contrast and saturation are x <- clamp(f x + (1 - f) target) with the target
     0, the mean luma or the luma per view, and views whose op there is hue take the rotated
-    hue instead. No host syncs and no data-dependent shapes, so torch.compile fuses it into
-    a few kernels (on an H100, 7 ms -> 2 ms for 256 views of 224 px; BENCHMARKS.md)."""
+    hue instead; the random photometric ops run on every view and are kept where drawn. No
+    host syncs and no data-dependent shapes, so torch.compile fuses it into a few kernels (on
+    an H100, 7 ms -> 2 ms for 256 views of 224 px before the photometric ops; BENCHMARKS.md)."""
     x = x.float().div(255)
     for pos in range(4):
         op = p.order[:, pos]
@@ -222,6 +321,8 @@ def _positional(
         target = torch.where(_col(op == 1), mean, torch.where(_col(op == 2), luma, 0.0))
         blended = (_col(f) * x + _col(1 - f) * target).clamp(0, 1)
         x = torch.where(_col(op == 3), adjust_hue(x.clone(), p.hue), blended)
+    photo = random_photometric(x.clone(), p.bits, p.sharpness, p.threshold)
+    x = torch.where(_col(p.photo), photo, x)
     x = torch.where(_col(p.gray), grayscale(x).expand_as(x), x)
     x = torch.where(_col(p.flip), x.flip(-1), x)
     return (x - m) / s

@@ -5,11 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# VISSL's ImgPilRandomPhotometric (img_pil_random_photometric.py, pil_photometric_transforms_lib.py)
+PHOTOMETRIC_P = 0.66
+POSTERIZE_BITS = (4, 8)  # both ends drawn: randint(4, 9)
+SHARPNESS_FACTORS = (0.1, 1.9)  # continuous uniform, upper end excluded
+SOLARIZE_THRESHOLDS = (0, 256)  # both ends drawn: randint(0, 257); 256 inverts nothing
 
 
 @dataclass(frozen=True)
@@ -74,11 +80,46 @@ def unshuffle(patches: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class RandomPhotometric:
+    """VISSL's ImgPilRandomPhotometric: with probability p, all four of its PIL ops in turn.
+
+    posterize v -> v & ~(2^(8-b) - 1), b uniform in {4, ..., 8}; sharpness: blend with PIL's
+    3x3 SMOOTH blur, factor uniform in [0.1, 1.9); solarize v -> 255 - v where v >= s, s uniform
+    in {0, ..., 256}; autocontrast: each channel stretched from its [min, max] to [0, 255], no
+    cutoff. VISSL decides with torch's generator and draws the magnitudes with numpy's global
+    one; here all come from torch's, so seeding torch seeds the whole PIL path.
+    """
+
+    def __init__(self, p: float = PHOTOMETRIC_P) -> None:
+        self.p = p
+
+    def draw(self) -> tuple[int, float, int] | None:
+        """(bits, sharpness factor, solarize threshold), or None when the ops are skipped."""
+        if torch.rand(()) >= self.p:
+            return None
+        bits = int(torch.randint(POSTERIZE_BITS[0], POSTERIZE_BITS[1] + 1, ()))
+        factor = float(torch.empty(()).uniform_(*SHARPNESS_FACTORS))
+        threshold = int(torch.randint(SOLARIZE_THRESHOLDS[0], SOLARIZE_THRESHOLDS[1] + 1, ()))
+        return bits, factor, threshold
+
+    @staticmethod
+    def apply(img: Image.Image, bits: int, factor: float, threshold: int) -> Image.Image:
+        """The four ops with given magnitudes, in VISSL's order."""
+        img = ImageEnhance.Sharpness(ImageOps.posterize(img, bits)).enhance(factor)
+        return ImageOps.autocontrast(ImageOps.solarize(img, threshold))
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        drawn = self.draw()
+        return img if drawn is None else self.apply(img, *drawn)
+
+
 def photometric() -> T.Compose:
-    """Per-view augmentation as published: colour jitter, grayscale 0.2, flip, ImageNet norm."""
+    """Per-view augmentation as VISSL's PIRL config: colour jitter, its random photometric ops,
+    grayscale 0.2, flip, ImageNet norm."""
     return T.Compose(
         [
             T.ColorJitter(0.4, 0.4, 0.4, 0.2),
+            RandomPhotometric(),
             T.RandomGrayscale(0.2),
             T.RandomHorizontalFlip(),
             T.ToTensor(),

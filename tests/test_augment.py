@@ -8,13 +8,20 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy import stats
 from skimage import data as skdata
 from torchvision.transforms import functional as TF
 
 from pirl import augment as A
-from pirl.jigsaw import IMAGENET_MEAN, IMAGENET_STD, JigsawGeometry, cut_patches, photometric
+from pirl.jigsaw import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    JigsawGeometry,
+    RandomPhotometric,
+    cut_patches,
+    photometric,
+)
 
 
 def photo_views(n: int, size: int, seed: int) -> torch.Tensor:
@@ -43,6 +50,8 @@ def reference(view: torch.Tensor, p: A.PhotometricParams, i: int) -> torch.Tenso
     )
     for k in p.order[i].tolist():
         x = ops[k](x)
+    if p.photo[i]:
+        x = photometric_reference(x, int(p.bits[i]), float(p.sharpness[i]), int(p.threshold[i]))
     if p.gray[i]:
         x = TF.rgb_to_grayscale(x, num_output_channels=3)
     if p.flip[i]:
@@ -50,7 +59,18 @@ def reference(view: torch.Tensor, p: A.PhotometricParams, i: int) -> torch.Tenso
     return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
 
 
-@pytest.mark.parametrize("name", ["brightness", "contrast", "saturation", "hue"])
+def photometric_reference(x: torch.Tensor, bits: int, factor: float, s: int) -> torch.Tensor:
+    """VISSL's four ops by torchvision's functional ones on one float view in [0, 1]: posterize
+    of the 8-bit pixel floor(255 x) (PIL truncates), solarize at s / 255 (both less the slack
+    that keeps float noise on 8-bit levels from moving a level)."""
+    pixels = (x * 255 + A.LEVEL_SLACK).floor().to(torch.uint8)
+    x = TF.adjust_sharpness(TF.posterize(pixels, bits).float() / 255, factor)
+    if s <= 255:  # TF refuses thresholds above its bound; s = 256 inverts nothing
+        x = TF.solarize(x, (s - A.LEVEL_SLACK) / 255)
+    return TF.autocontrast(x)
+
+
+@pytest.mark.parametrize("name", ["brightness", "contrast", "saturation", "hue", "sharpness"])
 def test_each_op_equals_torchvision_per_view(name: str) -> None:
     x = photo_views(12, 24, seed=0).float() / 255
     g = torch.Generator().manual_seed(1)
@@ -63,6 +83,81 @@ def test_each_op_equals_torchvision_per_view(name: str) -> None:
     tv = getattr(TF, f"adjust_{name}")
     want = torch.stack([tv(x[i], float(factor[i])) for i in range(12)])
     torch.testing.assert_close(ours, want, rtol=0, atol=2e-6)
+
+
+def with_constant_channel(views: torch.Tensor) -> torch.Tensor:
+    """views with channel 2 of view 2 flat (autocontrast leaves it) and view 3 flat throughout."""
+    out = views.clone()
+    out[2, 2] = 77
+    out[3] = 200
+    return out
+
+
+def test_posterize_and_solarize_act_on_the_8bit_pixel_as_pil_and_torchvision() -> None:
+    """On 8-bit levels, with float noise below them as jitter would leave, both equal PIL's
+    ops on the uint8 image; on values between levels, TF's on the truncated pixel (posterize)
+    and at s / 255 (solarize). Every bit depth 4..8 and thresholds 0, 1, 255, 256 included."""
+    u8 = photo_views(15, 20, seed=12)
+    noisy = u8.float() / 255 * (1 - 2**-22) * 255  # a few ulps below the level
+    scaled = u8.float() * torch.empty(15, 1, 1, 1).uniform_(
+        0.3, 1, generator=torch.Generator().manual_seed(19)
+    )
+    bits = torch.arange(15) % 5 + 4
+    thresholds = torch.tensor([0, 1, 255, 256, 128, 17, 200, 90, 64, 33, 150, 250, 3, 99, 180])
+    post = A.posterize(noisy.clone(), bits)
+    sol = A.solarize(noisy.clone(), thresholds)
+    for i in range(15):
+        img = TF.to_pil_image(u8[i])
+        want = TF.pil_to_tensor(ImageOps.posterize(img, int(bits[i]))).float()
+        assert torch.equal(post[i], want)
+        want = TF.pil_to_tensor(ImageOps.solarize(img, int(thresholds[i]))).float()
+        torch.testing.assert_close(sol[i], want, rtol=0, atol=1e-4)
+    post = A.posterize(scaled.clone(), bits)
+    sol = A.solarize(scaled.clone(), thresholds)
+    for i in range(15):
+        pixels = (scaled[i] + A.LEVEL_SLACK).floor().to(torch.uint8)
+        assert torch.equal(post[i], TF.posterize(pixels, int(bits[i])).float())
+        s = int(thresholds[i])
+        want = (
+            TF.solarize(scaled[i] / 255, (s - A.LEVEL_SLACK) / 255) if s < 256 else scaled[i] / 255
+        )
+        torch.testing.assert_close(sol[i] / 255, want, rtol=0, atol=1e-6)
+
+
+def test_sharpness_and_autocontrast_equal_torchvision_on_both_scales() -> None:
+    """In [0, 1] and in 8-bit levels (where the random photometric ops run them), against TF
+    on [0, 1]: constant channels kept by autocontrast, views of 2 px left by sharpness."""
+    x = with_constant_channel(photo_views(10, 16, seed=13)).float() / 255
+    factor = torch.empty(10).uniform_(0.1, 1.9, generator=torch.Generator().manual_seed(14))
+    want = torch.stack([TF.autocontrast(v) for v in x])
+    torch.testing.assert_close(A.autocontrast(x.clone()), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(A.autocontrast(x * 255, 255), want, rtol=0, atol=1e-6)
+    assert torch.equal(want[3], x[3]) and torch.equal(want[2, 2], x[2, 2])
+    want = torch.stack([TF.adjust_sharpness(v, float(f)) for v, f in zip(x, factor, strict=True)])
+    got = A.adjust_sharpness(x * 255, factor, 255) / 255
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    thin = x[:, :, :2, :9]
+    assert torch.equal(A.adjust_sharpness(thin.clone(), factor), thin)
+
+
+def test_random_photometric_agrees_with_pils_ops_on_the_same_8bit_views() -> None:
+    """The four ops (VISSL's PIL ones) and the batched ones on the same uint8 views: PIL rounds
+    its blur to 8 bits and truncates its sharpness blend and its autocontrast table; ours keep
+    floats, so they differ by about a level, and at the rare pixel that this moves across the
+    solarize threshold by up to 255. Parameters shuffled across views cost ~50 levels."""
+    views = with_constant_channel(photo_views(60, 24, seed=5))
+    p = A.draw_params(60, generator=torch.Generator().manual_seed(6))
+
+    def diff(sharpness: torch.Tensor) -> torch.Tensor:
+        ours = A.random_photometric(views.float() / 255, p.bits, sharpness, p.threshold)
+        args = zip(views, p.bits.tolist(), sharpness.tolist(), p.threshold.tolist(), strict=True)
+        pil = [RandomPhotometric.apply(TF.to_pil_image(v), b, f, s) for v, b, f, s in args]
+        return (ours * 255 - torch.stack([TF.pil_to_tensor(im) for im in pil])).abs()
+
+    drawn = diff(p.sharpness)
+    assert drawn.mean() < 2.0 and torch.quantile(drawn.flatten(), 0.99) <= 10.0
+    unsharpened = diff(torch.ones(60))  # only PIL's truncating autocontrast table is left
+    assert unsharpened.max() <= 1.0 + 1e-4 and unsharpened.mean() < 0.5
 
 
 def test_grayscale_equals_torchvision() -> None:
@@ -78,6 +173,7 @@ def test_photometric_with_drawn_params_equals_torchvision_composition(grouped: b
     views = photo_views(60, 20, seed=3)
     p = A.draw_params(60, generator=torch.Generator().manual_seed(4))
     assert p.gray.any() and not p.gray.all() and p.flip.any() and not p.flip.all()
+    assert p.photo.any() and not p.photo.all() and set(p.bits[p.photo].tolist()) == {4, 5, 6, 7, 8}
     want = torch.stack([reference(views[i], p, i) for i in range(60)])
     got = A.photometric(views, p, grouped=grouped)
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
@@ -85,9 +181,14 @@ def test_photometric_with_drawn_params_equals_torchvision_composition(grouped: b
 
 def test_fixed_params_agree_with_the_pil_path_pixelwise() -> None:
     """Same draws applied by the PIL path's own ops on uint8 images (which round to 8 bits
-    after every op, truncating, and quantise hue to 1/256 turn) differ only by that rounding."""
+    after every op, truncating, and quantise hue to 1/256 turn) differ only by that rounding.
+    Jitter, grayscale and flip here; the random photometric ops are compared on the same
+    8-bit input above: after the jitter, PIL's pixels sit ~1 level below the float's
+    truncation, and posterize turns a pixel that this moves across a bin edge into a whole
+    bin (up to 16 levels), solarize into an inverted pixel."""
     views = photo_views(40, 24, seed=5)
     p = A.draw_params(40, generator=torch.Generator().manual_seed(6))
+    p.photo[:] = False
     ours = A.photometric(views, p)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     diffs = []
@@ -133,6 +234,55 @@ def test_params_follow_torchvision_distributions() -> None:
     for flags, prob in ((p.gray, 0.2), (p.flip, 0.5)):
         sd = math.sqrt(prob * (1 - prob) / n)
         assert abs(flags.float().mean().item() - prob) < 4 * sd
+
+
+def test_photometric_draws_follow_vissls_distributions_in_both_paths() -> None:
+    """ImgPilRandomPhotometric: applied with p = 0.66; bits randint(4, 9), threshold
+    randint(0, 257) (both ends drawn), sharpness uniform(0.1, 1.9); batched and PIL draws."""
+    n = 12_000
+    p = A.draw_params(n, generator=torch.Generator().manual_seed(15))
+    torch.manual_seed(16)
+    pil = [RandomPhotometric().draw() for _ in range(n)]
+    drawn = torch.tensor([d for d in pil if d is not None], dtype=torch.float64)
+    for applied, bits, sharpness, threshold in (
+        (p.photo, p.bits[p.photo], p.sharpness[p.photo], p.threshold[p.photo]),
+        (torch.tensor([d is not None for d in pil]), *drawn.T),
+    ):
+        sd = math.sqrt(0.66 * 0.34 / n)
+        assert abs(applied.double().mean().item() - 0.66) < 4 * sd
+        for values, lo, hi in ((bits, 4, 8), (threshold, 0, 256)):
+            counts = torch.bincount(values.long() - lo)
+            assert len(counts) == hi - lo + 1 and counts.min() > 0
+            assert stats.chisquare(counts.numpy()).pvalue > 1e-3
+        assert 0.1 <= sharpness.min() and sharpness.max() < 1.9
+        assert stats.kstest(sharpness.numpy(), stats.uniform(0.1, 1.8).cdf).pvalue > 1e-3
+
+
+def test_pil_path_runs_vissls_photometric_ops_after_the_colour_jitter() -> None:
+    """The PIRL config's order, and RandomPhotometric.apply against torchvision's uint8 ops:
+    posterize, solarize and autocontrast within autocontrast's truncation (1 level); the
+    sharpness factor on views whose corners span 0..255 (autocontrast then changes nothing)."""
+    kinds = [type(t).__name__ for t in photometric().transforms]
+    assert kinds == [
+        "ColorJitter",
+        "RandomPhotometric",
+        "RandomGrayscale",
+        "RandomHorizontalFlip",
+        "ToTensor",
+        "Normalize",
+    ]
+    assert photometric().transforms[1].p == 0.66
+    views = photo_views(20, 24, seed=17)
+    views[:, :, 0, 0], views[:, :, -1, -1] = 0, 255
+    g = torch.Generator().manual_seed(18)
+    for i, v in enumerate(views):
+        img, bits = TF.to_pil_image(v), 4 + i % 5
+        s, f = int(torch.randint(0, 256, (), generator=g)), 0.1 + 1.8 * i / 19
+        got = TF.pil_to_tensor(RandomPhotometric.apply(img, bits, 1.0, s)).int()
+        want = TF.autocontrast(TF.solarize(TF.posterize(v, bits), s)).int()
+        assert (got - want).abs().max() <= 1
+        got = TF.pil_to_tensor(RandomPhotometric.apply(img, 8, f, 256)).int()
+        assert (got - TF.adjust_sharpness(v, f).int()).abs().max() <= 1
 
 
 def test_output_distribution_matches_the_pil_path() -> None:
@@ -193,7 +343,7 @@ def test_identity_spec_leaves_patches_in_their_cells() -> None:
     geo = JigsawGeometry.for_image_size(64)
     yy, xx = np.mgrid[0 : geo.source_size, 0 : geo.source_size]
     coded = torch.from_numpy(np.stack([xx, yy, np.zeros_like(xx)]).astype(np.uint8))
-    spec = A.PhotometricSpec(0, 0, 0, 0, 0, 0)
+    spec = A.PhotometricSpec(0, 0, 0, 0, photometric=0, grayscale=0, flip=0)
     image = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
     _, patches, perm = A.BatchAugment(geo, spec)(image, coded.expand(2, -1, -1, -1))
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
