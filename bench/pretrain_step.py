@@ -114,8 +114,8 @@ def augmentation_rows(batch: int = 64) -> tuple[list[str], float]:
         f"| {1 / t_batched:.0f} |",
         f"| - of which the worker's two crops (the only part on a GPU node's CPU) | "
         f"{1e3 * t_crop:.2f} | {1 / t_crop:.0f} |",
-        f"| - of which the batch ops (jigsaw cut, jitter, gray, flip, norm) | {1e3 * t_ops:.2f} "
-        f"| {1 / t_ops:.0f} |",
+        "| - of which the batch ops (jigsaw cut, jitter, photometric ops, gray, flip, norm) | "
+        f"{1e3 * t_ops:.2f} | {1 / t_ops:.0f} |",
         f"| PIL path without its crops (the part moved to the batch) | "
         f"{1e3 * (t_pil - t_pil_crop):.2f} | {1 / (t_pil - t_pil_crop):.0f} |",
     ]
@@ -366,8 +366,8 @@ def gpu_rows(device: torch.device, batch: int = 256) -> list[str]:
     rows = [
         "| on the GPU | wall s | samples/s |",
         "|---|---|---|",
-        f"| batch ops (jigsaw cut, jitter, gray, flip, norm), batch {batch} | {wall:.4f} "
-        f"| {batch / wall:,.0f} |",
+        f"| batch ops (jigsaw cut, jitter, photometric ops, gray, flip, norm), batch {batch} "
+        f"| {wall:.4f} | {batch / wall:,.0f} |",
     ]
     memory = MemoryBank(IMAGENET, 128, seed=0).to(device)
     neg_gen = torch.Generator(device).manual_seed(4)
