@@ -201,13 +201,14 @@ def solarize(v: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 def autocontrast(x: torch.Tensor, bound: float = 1.0) -> torch.Tensor:
     """TF.autocontrast per view of x / bound (in place on x; [0, 1] out): each channel
-    stretched from its own [min, max]; a constant channel is left as it is."""
+    stretched from its own [min, max], by a division, so that a constant channel (left as
+    it is) comes out as x / bound exactly, as ToTensor divides a PIL image's pixels."""
     lo, hi = x.amin(dim=(2, 3)), x.amax(dim=(2, 3))  # 10x faster than aminmax on a CPU
-    scale = 1 / (hi - lo)
-    finite = torch.isfinite(scale)
-    lo = torch.where(finite, lo, 0.0)[..., None, None]
-    scale = torch.where(finite, scale, 1 / bound)[..., None, None]
-    return x.sub_(lo).mul_(scale).clamp_(0, 1)
+    span = hi - lo
+    stretch = torch.isfinite(1 / span)  # TF's test for a constant channel
+    lo = torch.where(stretch, lo, 0.0)[..., None, None]
+    span = torch.where(stretch, span, bound)[..., None, None]
+    return x.sub_(lo).div_(span).clamp_(0, 1)
 
 
 def random_photometric(

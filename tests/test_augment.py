@@ -133,6 +133,8 @@ def test_sharpness_and_autocontrast_equal_torchvision_on_both_scales() -> None:
     torch.testing.assert_close(A.autocontrast(x.clone()), want, rtol=0, atol=1e-6)
     torch.testing.assert_close(A.autocontrast(x * 255, 255), want, rtol=0, atol=1e-6)
     assert torch.equal(want[3], x[3]) and torch.equal(want[2, 2], x[2, 2])
+    levels = torch.arange(256.0).view(-1, 1, 1, 1).expand(-1, 3, 4, 4)  # constant views
+    assert torch.equal(A.autocontrast(levels.clone(), 255), levels / 255)  # as ToTensor
     want = torch.stack([TF.adjust_sharpness(v, float(f)) for v, f in zip(x, factor, strict=True)])
     got = A.adjust_sharpness(x * 255, factor, 255) / 255
     torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
