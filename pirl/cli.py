@@ -126,8 +126,9 @@ def main(ctx: click.Context, debug: bool) -> None:
     type=click.Choice(["batched", "pil"]),
     default="batched",
     show_default=True,
-    help="batched: workers only crop; jigsaw cut, colour jitter, grayscale, flip and "
-    "normalisation run on whole batches on the device. pil: the per-image PIL pipeline.",
+    help="batched: workers only crop; jigsaw cut, colour jitter, VISSL's random photometric "
+    "ops, grayscale, flip and normalisation run on whole batches on the device. pil: the "
+    "per-image PIL pipeline.",
 )
 @click.option(
     "--shared-negatives",
