@@ -5,22 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")  # files only: no display on servers and in tests
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from analysis.invariance import BINS, LayerInvariance  # noqa: E402
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+from analysis.invariance import BINS, LayerInvariance
+from pirl.plots import save_figure
 
 
 def plot_histograms(results: Mapping[str, Sequence[LayerInvariance]], path: Path) -> Path:
@@ -54,7 +44,7 @@ def plot_histograms(results: Mapping[str, Sequence[LayerInvariance]], path: Path
                 ax.set_xlabel("L2 distance (unit vectors)", fontsize=8)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("Distance of each image to its jigsaw transform vs to other images", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_layer_curves(
@@ -81,4 +71,4 @@ def plot_layer_curves(
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -49,6 +49,7 @@ class LazyGroup(click.Group):
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """PIRL pretraining and the paper's evaluations for any ResNet encoder."""
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its CPU-feature probing is no news
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 
@@ -142,6 +143,20 @@ def main(ctx: click.Context, debug: bool) -> None:
     default="float32",
     show_default=True,
     help="Storage of the memory bank (16-bit halves it); updates are computed in float32.",
+)
+@click.option(
+    "--eval-every",
+    type=int,
+    default=None,
+    help="kNN monitor: every N epochs (and at the end), kNN top-1 (k=20) of the trunk on "
+    "--val-data, in metrics.csv and the log; 0: never [0; embedded: 2].",
+)
+@click.option(
+    "--val-data",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    help="Labelled folder for the kNN monitor: DIR/train (neighbours) and DIR/val (queries), "
+    "one sub-folder per class [embedded: the embedded set's split].",
 )
 @click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images (counted).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")

@@ -6,6 +6,8 @@ Run with `pirl-tools pretrain ...`, `pirl-tools pretrain --nproc K ...`, or
 
 from __future__ import annotations
 
+import copy
+import csv
 import dataclasses
 import hashlib
 import logging
@@ -43,8 +45,10 @@ from pirl.jigsaw_pretext import (
     JigsawTransform,
     hamming_permutations,
 )
+from pirl.knn import trunk_knn
 from pirl.memory import BANK_DTYPES, MemoryBank
 from pirl.nce import PirlLoss
+from pirl.plots import plot_learning_curve
 from pirl.runs import RunDir, atomic_torch_save, seed_everything, setup_distributed
 from pirl.trunk import Trunk, build_trunk
 from pirl.weights import read_checkpoint
@@ -68,6 +72,7 @@ PAPER = {
     "batch_size": 1024,
     "num_negatives": 32000,
     "loss": "nce",
+    "eval_every": 0,
 }
 # 1,437 images: a bank refreshed every 22 steps with a random net's near-collinear embeddings
 # makes NCE's fixed Z blow up on so short a run, so the demo uses InfoNCE and fewer negatives.
@@ -80,7 +85,9 @@ EMBEDDED = {
     "num_negatives": 1024,
     "loss": "infonce",
     "lr": 0.06,
+    "eval_every": 2,
 }
+KNN_K = 20  # the kNN monitor's neighbours (votes exp(s / 0.07), as NPID's)
 
 
 @dataclass
@@ -118,6 +125,10 @@ class PretrainConfig:
     bank_dtype: str = "float32"
     skip_bad_images: bool = False
     resume: bool = False
+    # kNN monitor: every eval_every epochs (0: never), top-1 of the trunk on val_data/val with
+    # val_data/train as the labelled neighbours (the embedded set's split by default).
+    eval_every: int | None = None
+    val_data: str | None = None
 
     def resolved(self) -> PretrainConfig:
         """Fill every None from the paper (given --data) or the embedded default (no --data)."""
@@ -128,6 +139,12 @@ class PretrainConfig:
                 setattr(cfg, key, value)
         if cfg.data is None:
             cfg.data = str(embedded_root(cfg.image_size) / "train")
+            cfg.val_data = cfg.val_data or str(embedded_root(cfg.image_size))
+        if cfg.eval_every and cfg.val_data is None:
+            raise UserError(
+                f"--eval-every {cfg.eval_every}: the kNN monitor needs --val-data DIR "
+                "(DIR/train and DIR/val, labelled image folders)"
+            )
         if cfg.lam is None:
             if cfg.method not in METHODS:
                 raise UserError(f"--method {cfg.method}: choose from {sorted(METHODS)}")
@@ -390,6 +407,43 @@ def device_views(
     return images, patches
 
 
+def chance_loss(cfg: PretrainConfig) -> float:
+    """The loss of a model that cannot tell the positive from the negatives (all scores equal):
+    log(1 + N) for InfoNCE; for NCE, with Z = |D| exp(s) so that P = 1 / |D| and c = N / |D|,
+    log(1 + N) + N log(1 + 1 / N); log(classes) for the Jigsaw pretext."""
+    if cfg.method == "jigsaw":
+        return math.log(cfg.num_permutations)
+    n = cfg.num_negatives
+    return math.log1p(n) + (n * math.log1p(1 / n) if cfg.loss == "nce" else 0.0)
+
+
+class KnnMonitor:
+    """kNN top-1 (%) of a copy of the trunk (the copy is frozen, the trunk trains on) on the
+    labelled split cfg.val_data/val, with cfg.val_data/train as the neighbours."""
+
+    def __init__(self, cfg: PretrainConfig, device: torch.device) -> None:
+        root = Path(cfg.val_data)
+        self.splits = (list_images(root / "train"), list_images(root / "val"))
+        for split in self.splits:
+            if min(split.labels) < 0:
+                raise UserError(f"{split.root}: the kNN monitor needs class sub-folders")
+        self.cfg, self.device = cfg, device
+
+    def __call__(self, trunk: Trunk) -> float:
+        acc = trunk_knn(
+            copy.deepcopy(trunk),
+            *self.splits,
+            "res5avg",
+            self.cfg.image_size,
+            (KNN_K,),
+            self.device,
+            batch_size=256,
+            num_workers=self.cfg.num_workers,
+            progress=False,
+        )
+        return 100 * acc[KNN_K]
+
+
 def make_trainer(cfg: PretrainConfig, data_size: int, device: torch.device) -> Trainer:
     """Build model, bank, loss and optimizer from the resolved config."""
     torch.manual_seed(cfg.seed)
@@ -437,6 +491,7 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
             cfg.num_negatives / len(images),
         )
     trainer = make_trainer(cfg, len(images), device)
+    monitor = KnnMonitor(cfg, device) if cfg.eval_every and rank == 0 else None
     if cfg.resume:
         trainer.load(read_checkpoint(ckpt_path), ckpt_path)
         if rank == 0:
@@ -458,6 +513,7 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
     augment = None
     if cfg.augment == "batched" and cfg.method != "jigsaw":
         augment = BatchAugment(JigsawGeometry.for_image_size(cfg.image_size))
+    trained = trainer.epoch < cfg.epochs
     while trainer.epoch < cfg.epochs:
         epoch = trainer.epoch
         seed_everything(epoch_seed(cfg.seed, epoch, rank))
@@ -496,6 +552,11 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
         seconds = time.perf_counter() - t0
         if rank == 0:
             atomic_torch_save(trainer.state(), ckpt_path)
+            knn = None
+            if monitor is not None and (
+                trainer.epoch % cfg.eval_every == 0 or trainer.epoch == cfg.epochs
+            ):
+                knn = monitor(trainer.model.trunk)
             row = {
                 "epoch": trainer.epoch,
                 "step": trainer.step,
@@ -504,17 +565,55 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
                 "images_per_s": seen * world / seconds,
                 "seconds": round(seconds, 2),
                 "skipped_images": skipped,
+                "knn_top1": knn,
             }
             run.append_metrics(row)
             log.info(
-                "epoch %d/%d loss %.4f %.0f img/s%s",
+                "epoch %d/%d loss %.4f %.0f img/s%s%s",
                 trainer.epoch,
                 cfg.epochs,
                 row["loss"],
                 row["images_per_s"],
+                "" if knn is None else f" kNN top-1 {knn:.1f}%",
                 f" ({skipped} unreadable images skipped)" if skipped else "",
             )
+    if rank == 0 and (trained or not run.path("results.json").exists()):
+        summarize(cfg, run, monitor, trainer.model.trunk)
     return trainer
+
+
+def summarize(
+    cfg: PretrainConfig, run: RunDir, monitor: KnnMonitor | None, trunk: Trunk
+) -> dict[str, Any]:
+    """results.json and learning_curve.png: the final loss against chance and, when monitored,
+    the trunk's kNN top-1 against the same architecture untrained (the run's own seed)."""
+    rows = list(csv.DictReader(run.path("metrics.csv").open(newline="")))
+    results: dict[str, Any] = {
+        "epochs": cfg.epochs,
+        "final_loss": float(rows[-1]["loss"]),
+        "chance_loss": chance_loss(cfg),
+    }
+    if monitor is not None:
+        last = rows[-1]["knn_top1"]
+        results["knn_top1"] = float(last) if last else monitor(trunk)
+        torch.manual_seed(cfg.seed)  # the trunk make_trainer built before any step
+        results["random_knn_top1"] = monitor(build_trunk(cfg.arch, cfg.width))
+        results["knn_k"] = KNN_K
+    run.write_results(results)
+    plot_learning_curve(
+        run.path("metrics.csv"),
+        run.path("learning_curve.png"),
+        results["chance_loss"],
+        results.get("random_knn_top1"),
+    )
+    line = f"final loss {results['final_loss']:.3f} (chance {results['chance_loss']:.3f})"
+    if monitor is not None:
+        line += (
+            f"; kNN top-1 {results['knn_top1']:.1f}% (untrained trunk "
+            f"{results['random_knn_top1']:.1f}%)"
+        )
+    log.info("%s", line)
+    return results
 
 
 def embedded_checkpoint(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -88,8 +91,8 @@ def test_corrupt_image_stops_or_is_skipped(tiny_folder: Path, tmp_path: Path) ->
     with pytest.raises(UserError, match=r"broken\.png: unreadable image"):
         pretrain(tiny_config(tiny_folder, tmp_path / "strict", epochs=1))
     pretrain(tiny_config(tiny_folder, tmp_path / "skip", epochs=1, skip_bad_images=True))
-    row = (tmp_path / "skip" / "metrics.csv").read_text().splitlines()
-    assert row[0].endswith("skipped_images") and row[1].endswith(",1")
+    with open(tmp_path / "skip" / "metrics.csv", newline="") as fh:
+        assert [r["skipped_images"] for r in csv.DictReader(fh)] == ["1"]
 
 
 def test_truncated_checkpoint_is_a_clear_error(tiny_folder: Path, tmp_path: Path) -> None:
@@ -234,3 +237,109 @@ def test_npid_decays_linear_biases_as_vissl_and_pirl_does_not(tiny_folder: Path)
     npid, pirl = decayed("npid"), decayed("pirl")
     assert npid - pirl == {"heads.f.proj.bias", "heads.g.proj.bias", "heads.g.combine.bias"}
     assert all(n.endswith("weight") for n in pirl) and pirl < npid
+
+
+def split_folder(root: Path, tiny_folder: Path) -> Path:
+    """tiny_folder's 48 images as root/train (36) and root/val (12), class folders kept."""
+    for i, p in enumerate(sorted(tiny_folder.rglob("*.png"))):
+        dest = root / ("val" if i % 4 == 0 else "train") / p.parent.name / p.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(p.read_bytes())
+    return root
+
+
+def knn_by_hand(trunk: torch.nn.Module, root: Path, size: int) -> float:
+    """Weighted kNN top-1 (k=20, votes exp(s/0.07)) with scikit-learn's brute-force cosine
+    neighbours on res5 global averages of Resize + CenterCrop inputs."""
+    import numpy as np
+    from sklearn.neighbors import NearestNeighbors
+
+    from pirl.data import list_images, load_image
+    from pirl.features import center_crop_transform
+
+    tf = center_crop_transform(size)
+    trunk = trunk.eval()
+
+    def feats(split: str) -> tuple[np.ndarray, np.ndarray]:
+        items = list_images(root / split)
+        x = torch.stack([tf(load_image(p)) for p in items.paths])
+        with torch.no_grad():
+            return trunk.pooled(x).double().numpy(), np.array(items.labels)
+
+    (xtr, ytr), (xte, yte) = feats("train"), feats("val")
+    dist, idx = NearestNeighbors(n_neighbors=20, metric="cosine").fit(xtr).kneighbors(xte)
+    votes = np.zeros((len(xte), ytr.max() + 1))
+    np.add.at(votes, (np.arange(len(xte))[:, None], ytr[idx]), np.exp((1 - dist) / 0.07))
+    return 100 * float((votes.argmax(1) == yte).mean())
+
+
+def test_knn_monitor_logs_each_due_epoch_and_compares_with_the_untrained_trunk(
+    tiny_folder: Path, tmp_path: Path
+) -> None:
+    val = split_folder(tmp_path / "split", tiny_folder)
+    cfg = tiny_config(tiny_folder, tmp_path / "run", epochs=3, eval_every=2, val_data=str(val))
+    trainer = pretrain(cfg)
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert rows[0].endswith(",knn_top1")
+    knn = [r.split(",")[-1] for r in rows[1:]]
+    assert knn[0] == "" and knn[1] and knn[2]  # epochs 2 (due) and 3 (the last)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["knn_top1"] == pytest.approx(knn_by_hand(trainer.model.trunk, val, 32))
+    torch.manual_seed(0)
+    untrained = train.build_trunk("resnet18", 0.125)
+    assert results["random_knn_top1"] == pytest.approx(knn_by_hand(untrained, val, 32))
+    assert results["chance_loss"] == pytest.approx(math.log(65) + 64 * math.log(65 / 64))
+    assert (tmp_path / "run" / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(UserError, match="--eval-every 1: the kNN monitor needs --val-data"):
+        pretrain(tiny_config(tiny_folder, tmp_path / "bad", eval_every=1))
+
+
+def retrieval_after_training(shuffle_pairs: bool, steps: int = 100) -> tuple[float, float]:
+    """Train PIRL on 32 embedded images with mild augmentation (the jigsaw cut and flips, no
+    colour ops); return how often f(image) and g(its jigsaw view) find the image's own bank row.
+    shuffle_pairs gives each step's patches to other images of the batch: nothing to learn."""
+    import numpy as np
+
+    from pirl.augment import BatchAugment, PhotometricSpec
+    from pirl.data import embedded_images
+    from pirl.jigsaw import JigsawGeometry
+
+    images, _ = embedded_images(size=32, seed=0)
+    sources = torch.nn.functional.interpolate(
+        torch.tensor(np.stack(images[:32])).permute(0, 3, 1, 2).float(), size=36, mode="bilinear"
+    )
+    sources = sources.round().clamp(0, 255).to(torch.uint8)
+    views = sources[:, :, 2:34, 2:34].contiguous()
+    mild = PhotometricSpec(0, 0, 0, 0, photometric=0, grayscale=0)
+    augment = BatchAugment(JigsawGeometry.for_image_size(32), mild)
+    cfg = train.PretrainConfig(
+        data="unused", **{**TINY, "num_negatives": 31}, loss="infonce", lr=0.06
+    ).resolved()
+    trainer = train.make_trainer(cfg, 32, torch.device("cpu"))
+    gen, neg_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        idx = torch.randperm(32, generator=gen)[:16]
+        x, patches, _ = augment(views[idx], sources[idx], gen)
+        if shuffle_pairs:
+            patches = patches[torch.randperm(16, generator=gen)]
+        trainer.train_step(trainer.model, x, patches, idx, idx, neg_gen, cfg.lr, amp=False)
+    idx = torch.arange(32)
+    x, patches, _ = augment(views, sources, gen)
+    with torch.no_grad():  # batch statistics, as in training: the running ones mix the patch
+        f, g = trainer.model(x, patches)  # and image batches, far apart at 32 px
+    bank = trainer.memory.bank
+    return tuple(float(((z @ bank.T).argmax(1) == idx).float().mean()) for z in (f, g))
+
+
+def test_f_and_g_retrieve_their_images_memory_rows() -> None:
+    """The paper's mechanism end to end: after a short run both heads find the image's own
+    memory row far above chance (1/32)."""
+    f_hits, g_hits = retrieval_after_training(shuffle_pairs=False)
+    assert f_hits >= 0.5 and g_hits >= 0.5, (f_hits, g_hits)
+
+
+def test_retrieval_check_fails_when_patches_are_paired_with_other_images() -> None:
+    """The same run with each step's patches handed to other images: g cannot learn the
+    pairing, so the check above would fail."""
+    f_hits, g_hits = retrieval_after_training(shuffle_pairs=True)
+    assert g_hits < 0.25, g_hits
