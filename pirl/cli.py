@@ -173,5 +173,28 @@ def pretrain(nproc: int, **kwargs: Any) -> None:
     else:
         run_pretrain(cfg)
     ckpt = Path(cfg.out) / "checkpoint.pth"
+    if cfg.data is None:  # the embedded demo: show what was learned
+        from transfer.commands import probe_against_untrained
+
+        results = probe_against_untrained(cfg.out, cfg.device, cfg.num_workers, cfg.seed)
+        click.echo(comparison(cfg.method, results))
     click.echo(f"checkpoint: {ckpt}")
     click.echo(f"evaluate it: pirl-tools transfer linear --weights pirl={ckpt} --benchmark voc07")
+
+
+def comparison(method: str, results: dict[str, Any]) -> str:
+    """The embedded run against an untrained trunk of its architecture, as a short table."""
+    name = {"pirl": "PIRL", "npid": "NPID++", "jigsaw": "Jigsaw"}[method]
+    rows = [
+        ("kNN top-1 (k=20), %", results["knn_top1"], results["random_knn_top1"]),
+        ("linear probe res5 top-1, %", results["linear_top1"], results["random_linear_top1"]),
+    ]
+    return "\n".join(
+        [
+            "held-out embedded split:",
+            f"{'':<28}{name:>8}{'untrained':>11}",
+            *(f"{label:<28}{ours:>8.1f}{random:>11.1f}" for label, ours, random in rows),
+            f"final training loss {results['final_loss']:.3f} "
+            f"(chance level {results['chance_loss']:.3f})",
+        ]
+    )

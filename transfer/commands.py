@@ -9,6 +9,7 @@ centre-crop features instead, much faster but without augmentation (a documented
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,33 @@ def run_linear(
     return results
 
 
+def probe_against_untrained(
+    run: str | Path, device: str = "auto", num_workers: int = 2, seed: int = 0
+) -> dict:
+    """Linear probe at res5 (the ImageNet protocol on cached centre-crop features) of a
+    pretraining run's checkpoint and of an untrained trunk of the same architecture, on the
+    labelled split the run's kNN monitor used; the two top-1s join the run's results.json."""
+    run = RunDir(run)
+    config = json.loads(run.path("config.json").read_text())
+    common = dict(
+        benchmark="imagenet",
+        data=config["val_data"],
+        layer="res5",
+        device=device,
+        seed=seed,
+        num_workers=num_workers,
+        image_size=config["image_size"],
+        augment=False,
+    )
+    ckpt = run.path("checkpoint.pth")
+    untrained = f"untrained=random:{config['arch']}@{config['width']:g}"
+    results = json.loads(run.path("results.json").read_text())
+    results["linear_top1"] = run_linear(f"{config['method']}={ckpt}", **common)["top1"]
+    results["random_linear_top1"] = run_linear(untrained, **common)["top1"]
+    run.write_results(results)
+    return results
+
+
 def markdown_row(results: dict) -> str:
     """The paper-layout Markdown row (Method, Parameters, benchmark) of one run."""
     method = results["method"]
@@ -234,6 +262,7 @@ def _linear_benchmark(
             return _batches(xtr, train_split.labels, batch_size, True, seed * 1000 + epoch)
 
     log = run.append_metrics if run is not None else None
+    seed_everything(seed)  # here: extracting features (a cache miss) consumes random numbers
     res = train_probe(
         train_batches,
         lambda: _batches(xte, yte, batch_size, False, 0),
