@@ -1,6 +1,6 @@
 """Batched PIRL augmentation: workers only crop; jigsaw and photometric ops run on whole batches.
 
-The published pipeline (DESIGN.md sec. 2) applied per view with PIL costs ~11 ms per sample
+The published pipeline (docs/reference.md) applied per view with PIL costs ~11 ms per sample
 per core. Here a worker decodes and takes the two random crops (224-px view, 255-px patch
 source) as uint8 tensors; everything else runs on the batch, on the training device:
 the jigsaw cut with per-patch offsets and a per-sample permutation, then for the image and for

@@ -186,8 +186,12 @@ def comparison(method: str, results: dict[str, Any]) -> str:
     """The embedded run against an untrained trunk of its architecture, as a short table."""
     name = {"pirl": "PIRL", "npid": "NPID++", "jigsaw": "Jigsaw"}[method]
     rows = [
-        ("kNN top-1 (k=20), %", results["knn_top1"], results["random_knn_top1"]),
-        ("linear probe res5 top-1, %", results["linear_top1"], results["random_linear_top1"]),
+        (label, results[key], results[f"random_{key}"])
+        for label, key in (
+            ("kNN top-1 (k=20), %", "knn_top1"),  # absent with --eval-every 0
+            ("linear probe res5 top-1, %", "linear_top1"),
+        )
+        if key in results
     ]
     return "\n".join(
         [

@@ -48,7 +48,8 @@ class NCELoss(nn.Module):
                     self.log_z.copy_(z.log())
         log_p = s - self.log_z.float()
         c = neg.shape[1] / self.data_size
-        log_p_neg = torch.logaddexp(log_p[:, 1:], torch.tensor(math.log(EPS), device=s.device))
+        log_eps = math.log(EPS)
+        log_p_neg = log_eps + F.softplus(log_p[:, 1:] - log_eps)  # log(P_j + eps), no new tensor
         loss = F.softplus(math.log(c + EPS) - log_p[:, 0])
         loss = loss + F.softplus(log_p_neg - math.log(c)).sum(1)
         return loss.mean()
@@ -101,14 +102,12 @@ class PirlLoss(nn.Module):
         self.memory, self.num_negatives, self.lam = memory, num_negatives, lam
         self.shared_negatives = shared_negatives
 
-        def make() -> nn.Module:
-            if loss == "nce":
-                return NCELoss(memory.size, temperature, z_momentum)
-            if loss == "infonce":
-                return InfoNCELoss(temperature)
+        if loss == "nce":
+            self.criterion: nn.Module = NCELoss(memory.size, temperature, z_momentum)
+        elif loss == "infonce":
+            self.criterion = InfoNCELoss(temperature)
+        else:
             raise ValueError(f"unknown loss {loss!r}; choose nce or infonce")
-
-        self.criterion = make()
 
     def term(self, z: torch.Tensor, idx: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         """One term's loss: z against its bank row and its own draw of negatives."""

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pirl.errors import UserError
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     """Pick cuda when present for 'auto', so the same command runs on a laptop and a GPU node."""
@@ -89,9 +91,18 @@ class RunDir:
         return self.path("config.json")
 
     def append_metrics(self, row: Mapping[str, Any], name: str = "metrics.csv") -> None:
-        """Append one row; the header is written with the first row."""
+        """Append one row; the header is written with the first row, and a row whose columns
+        differ from the file's (a run folder from an older version) is refused, not misfiled."""
         path = self.path(name)
         new = not path.exists()
+        if not new:
+            with open(path, newline="") as fh:
+                header = next(csv.reader(fh), [])
+            if header != list(row):
+                raise UserError(
+                    f"{path}: columns {header} differ from this version's {list(row)}; "
+                    "start a new run folder"
+                )
         with open(path, "a", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(row))
             if new:

@@ -47,7 +47,7 @@ from pirl.jigsaw_pretext import (
 )
 from pirl.knn import trunk_knn
 from pirl.memory import BANK_DTYPES, MemoryBank
-from pirl.nce import PirlLoss
+from pirl.nce import EPS, PirlLoss
 from pirl.plots import plot_learning_curve
 from pirl.runs import RunDir, atomic_torch_save, seed_everything, setup_distributed
 from pirl.trunk import Trunk, build_trunk
@@ -55,7 +55,7 @@ from pirl.weights import read_checkpoint
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: one shared NCE normaliser (nce: criterion.log_z)
 # lambda of the PIRL loss; npid is NPID++; jigsaw, the Jigsaw-pretext baseline, uses the
 # patches only and classifies their permutation (pirl/jigsaw_pretext.py) instead of contrasting.
 METHODS = {"pirl": 0.5, "npid": 0.0, "jigsaw": 1.0}
@@ -63,7 +63,7 @@ METHODS = {"pirl": 0.5, "npid": 0.0, "jigsaw": 1.0}
 # pil: the per-image PIL pipeline, kept for comparison. The jigsaw baseline keeps its own.
 AUGMENTS = ("batched", "pil")
 LR_INTERVALS = ("epoch", "step")
-# Published recipe (DESIGN.md sec. 2) and the small embedded default that runs on a laptop.
+# Published recipe (docs/reference.md) and the small embedded default that runs on a laptop.
 PAPER = {
     "arch": "resnet50",
     "width": 1.0,
@@ -223,7 +223,7 @@ class Trainer:
     step: int = 0
 
     def state(self) -> dict[str, Any]:
-        """The native checkpoint (DESIGN.md sec. 4)."""
+        """The native checkpoint (README: the checkpoint)."""
         return {
             "trunk": self.model.trunk.state_dict(),
             "heads": self.model.heads.state_dict(),
@@ -407,14 +407,18 @@ def device_views(
     return images, patches
 
 
-def chance_loss(cfg: PretrainConfig) -> float:
+def chance_loss(cfg: PretrainConfig, data_size: int) -> float:
     """The loss of a model that cannot tell the positive from the negatives (all scores equal):
-    log(1 + N) for InfoNCE; for NCE, with Z = |D| exp(s) so that P = 1 / |D| and c = N / |D|,
-    log(1 + N) + N log(1 + 1 / N); log(classes) for the Jigsaw pretext."""
+    log(1 + N) for InfoNCE; for NCE, with Z = |D| exp(s) so that P = 1 / |D|, c = N / |D| and
+    VISSL's eps, log(1 + N + eps |D|) + N log((1 + N + eps |D|) / N); log(classes) for the
+    Jigsaw pretext."""
     if cfg.method == "jigsaw":
         return math.log(cfg.num_permutations)
     n = cfg.num_negatives
-    return math.log1p(n) + (n * math.log1p(1 / n) if cfg.loss == "nce" else 0.0)
+    if cfg.loss == "infonce":
+        return math.log1p(n)
+    total = 1 + n + EPS * data_size
+    return math.log(total) + n * math.log(total / n)
 
 
 class KnnMonitor:
@@ -578,12 +582,12 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
                 f" ({skipped} unreadable images skipped)" if skipped else "",
             )
     if rank == 0 and (trained or not run.path("results.json").exists()):
-        summarize(cfg, run, monitor, trainer.model.trunk)
+        summarize(cfg, run, monitor, trainer.model.trunk, len(images))
     return trainer
 
 
 def summarize(
-    cfg: PretrainConfig, run: RunDir, monitor: KnnMonitor | None, trunk: Trunk
+    cfg: PretrainConfig, run: RunDir, monitor: KnnMonitor | None, trunk: Trunk, data_size: int
 ) -> dict[str, Any]:
     """results.json and learning_curve.png: the final loss against chance and, when monitored,
     the trunk's kNN top-1 against the same architecture untrained (the run's own seed)."""
@@ -591,10 +595,10 @@ def summarize(
     results: dict[str, Any] = {
         "epochs": cfg.epochs,
         "final_loss": float(rows[-1]["loss"]),
-        "chance_loss": chance_loss(cfg),
+        "chance_loss": chance_loss(cfg, data_size),
     }
     if monitor is not None:
-        last = rows[-1]["knn_top1"]
+        last = rows[-1].get("knn_top1")
         results["knn_top1"] = float(last) if last else monitor(trunk)
         torch.manual_seed(cfg.seed)  # the trunk make_trainer built before any step
         results["random_knn_top1"] = monitor(build_trunk(cfg.arch, cfg.width))
@@ -621,8 +625,9 @@ def embedded_checkpoint(
 ) -> Path:
     """The embedded pretraining of `method`, trained once into the cache (resumed if it was cut
     short), so every table and analysis that compares against it shares one run."""
-    digest = hashlib.sha1(repr(sorted(overrides.items())).encode()).hexdigest()[:10]
-    tag = f"{method}-{digest}" if overrides else method
+    # The recipe and checkpoint version are in the name: a newer recipe trains its own run.
+    recipe = (CHECKPOINT_VERSION, sorted(EMBEDDED.items()), sorted(overrides.items()))
+    tag = f"{method}-{hashlib.sha1(repr(recipe).encode()).hexdigest()[:10]}"
     run = cache_dir() / "pretrained" / tag
     ckpt = run / "checkpoint.pth"
     cfg = PretrainConfig(

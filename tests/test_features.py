@@ -19,7 +19,7 @@ from pirl.features import (
 )
 from pirl.trunk import build_trunk
 
-# Published dims for ResNet-50 at 224 (DESIGN.md section 3).
+# Published dims for ResNet-50 at 224 (docs/reference.md).
 R50_DIMS = {"conv1": 9216, "res2": 9216, "res3": 8192, "res4": 9216, "res5": 8192, "res5avg": 2048}
 # in_channels of VISSL's eval_mlp heads (eval_resnet_8gpu_transfer_in1k_linear.yaml).
 R50_CHANNELS = {"conv1": 64, "res2": 256, "res3": 512, "res4": 1024, "res5": 2048, "res5avg": 2048}

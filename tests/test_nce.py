@@ -142,3 +142,25 @@ def test_pirl_terms_share_one_z_fixed_by_the_patch_term() -> None:
     want_npid, z_f = nce_reference(s_f, 400)
     assert npid(f, None, idx).item() == pytest.approx(want_npid, rel=1e-5)
     assert npid.criterion.log_z.item() == pytest.approx(math.log(z_f), rel=1e-6)
+
+
+def test_z_is_the_ranks_arithmetic_mean_as_vissl_gathers_it(monkeypatch) -> None:
+    """VISSL's compute_partition_function averages the ranks' batch means of exp(s), then
+    multiplies by |D|; faked here with two ranks whose means differ (the other rank's sum of
+    exp(s) added by a stand-in all_reduce)."""
+    import pirl.nce as nce
+
+    g = torch.Generator().manual_seed(4)
+    pos, neg = torch.rand(4, generator=g), torch.rand(4, 9, generator=g)
+    other = np.exp(np.full((4, 10), 2.0) / 0.5).mean()  # the other rank's batch mean
+
+    def all_reduce(t: torch.Tensor) -> None:
+        t += other
+
+    monkeypatch.setattr(nce, "distributed", lambda: True)
+    monkeypatch.setattr(nce.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(nce.dist, "get_world_size", lambda: 2)
+    crit = NCELoss(data_size=100, temperature=0.5)
+    crit(pos, neg)
+    mine = np.exp(torch.cat([pos[:, None], neg], 1).double().numpy() / 0.5).mean()
+    assert crit.log_z.item() == pytest.approx(math.log((mine + other) / 2 * 100), rel=1e-12)
