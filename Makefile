@@ -10,7 +10,7 @@ WEIGHTS ?=
 DATA_ROOT ?=
 weights_flags = $(foreach w,$(WEIGHTS),--weights $(w))
 
-.PHONY: setup demo test bench lint table1 table2 table3 invariance
+.PHONY: setup demo test bench lint table1 table2 table3 invariance paper-small
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -59,3 +59,24 @@ table3: $(table_deps)
 
 invariance: $(STAMP)
 	$(BIN)/pirl-tools analyze invariance $(weights_flags) $(if $(DATA_ROOT),--data $(DATA_ROOT)/imagenet/val) --out $(OUT)/invariance
+
+# The paper's findings, small: PIRL, NPID++ and Jigsaw pretrained on the embedded set with the
+# same recipe and budget, then Table 2, linear probes per layer, invariance, and report.md.
+PAPER_SMALL := $(OUT)/paper-small
+SMALL_MODELS := pirl npid jigsaw
+small_weights = $(foreach m,$(SMALL_MODELS),--weights $(m)=$(PAPER_SMALL)/$(m)/checkpoint.pth)
+
+paper-small: $(STAMP)
+	rm -rf $(PAPER_SMALL)
+	for m in $(SMALL_MODELS); do \
+	  $(BIN)/pirl-tools pretrain --method $$m --out $(PAPER_SMALL)/$$m \
+	    $$( [ $$m = jigsaw ] && echo --num-permutations 100 ) || exit 1; \
+	done
+	$(BIN)/python -m transfer.table2 $(small_weights) --weights random=random:resnet18@0.25 \
+	  --out $(PAPER_SMALL)/table2
+	for layer in conv1 res2 res3 res4 res5; do \
+	  $(BIN)/python -m transfer.table2 $(small_weights) --weights random=random:resnet18@0.25 \
+	    --layer $$layer --out $(PAPER_SMALL)/layers/$$layer || exit 1; \
+	done
+	$(BIN)/pirl-tools analyze invariance $(small_weights) --out $(PAPER_SMALL)/invariance
+	$(BIN)/python -m analysis.report $(PAPER_SMALL)

@@ -179,7 +179,9 @@ def pretrain(nproc: int, **kwargs: Any) -> None:
         results = probe_against_untrained(cfg.out, cfg.device, cfg.num_workers, cfg.seed)
         click.echo(comparison(cfg.method, results))
     click.echo(f"checkpoint: {ckpt}")
-    click.echo(f"evaluate it: pirl-tools transfer linear --weights pirl={ckpt} --benchmark voc07")
+    click.echo(
+        f"evaluate it: pirl-tools transfer linear --weights {cfg.method}={ckpt} --benchmark voc07"
+    )
 
 
 def comparison(method: str, results: dict[str, Any]) -> str:

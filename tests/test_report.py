@@ -1,0 +1,90 @@
+"""report.md: each of the paper's claims judged from the files the commands wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis.report import LAYERS, write_report
+from pirl.errors import UserError
+
+
+def outputs(root: Path, jigsaw_res5: float, pirl_ratio: float) -> Path:
+    """The files `make paper-small` leaves, with chosen numbers."""
+    table = pd.DataFrame(
+        {
+            "Method": ["pirl", "npid", "jigsaw", "random"],
+            "Parameters": ["0.7M"] * 4,
+            "ImageNet": [40.0, 35.0, 30.0, 20.0],
+            "VOC07": [30.0, 31.0, 25.0, 15.0],
+            "Places205": ["-"] * 4,
+            "iNat.": ["-"] * 4,
+        }
+    )
+    (root / "table2").mkdir(parents=True)
+    table.to_csv(root / "table2" / "table2.csv", index=False)
+    for i, layer in enumerate(LAYERS):
+        t = table.copy()
+        t["ImageNet"] = [10.0 + 5 * i, 9.0 + 4 * i, [20, 25, 30, 35, jigsaw_res5][i], 10.0]
+        (root / "layers" / layer).mkdir(parents=True)
+        t.to_csv(root / "layers" / layer / "table2.csv", index=False)
+    inv = pd.DataFrame(
+        {
+            "model": ["pirl", "jigsaw"],
+            "layer": ["res5", "res5"],
+            "own_mean": [0.5, 0.9],
+            "other_mean": [1.0, 1.0],
+            "ratio": [pirl_ratio, 0.9],
+        }
+    )
+    (root / "invariance").mkdir()
+    inv.to_csv(root / "invariance" / "invariance.csv", index=False)
+    (root / "pirl").mkdir()
+    results = {"final_loss": 5.0, "chance_loss": 6.9, "knn_top1": 30.0, "random_knn_top1": 15.0}
+    (root / "pirl" / "results.json").write_text(json.dumps(results))
+    return root
+
+
+def verdicts(report: Path) -> dict[str, str]:
+    rows = [line.split(" | ") for line in report.read_text().splitlines() if " hold" in line]
+    return {r[0].strip("| "): r[-1].strip("| ") for r in rows}
+
+
+def test_each_claim_is_judged_from_the_numbers(tmp_path: Path) -> None:
+    v = verdicts(write_report(outputs(tmp_path / "a", jigsaw_res5=28.0, pirl_ratio=0.5)))
+    assert v["pirl learned: loss below chance and kNN above its untrained trunk"] == "holds"
+    assert v["Table 2: PIRL beats Jigsaw on every benchmark"] == "holds"
+    assert v["Table 2: PIRL beats NPID++ on every benchmark"] == "does not hold"  # VOC07 30 < 31
+    assert v["Fig. 5: Jigsaw's probe peaks before res5 and falls at res5"] == "holds"
+    assert v["Fig. 5: PIRL's probe keeps rising to res5"] == "holds"
+    assert v["Fig. 4: PIRL is more invariant to the jigsaw transform than Jigsaw (res5)"] == "holds"
+    assert (tmp_path / "a" / "probe_by_layer.png").read_bytes()[:4] == b"\x89PNG"
+    # The same files with the orderings reversed.
+    v = verdicts(write_report(outputs(tmp_path / "b", jigsaw_res5=40.0, pirl_ratio=0.95)))
+    assert v["Fig. 5: Jigsaw's probe peaks before res5 and falls at res5"] == "does not hold"
+    assert "did not learn" not in (tmp_path / "b" / "report.md").read_text()
+    assert v["Fig. 4: PIRL is more invariant to the jigsaw transform than Jigsaw (res5)"] == (
+        "does not hold"
+    )
+
+
+def test_a_missing_output_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"table2\.csv: missing"):
+        write_report(tmp_path)
+
+
+def test_a_pretraining_that_did_not_learn_is_said_first(tmp_path: Path) -> None:
+    root = outputs(tmp_path, jigsaw_res5=28.0, pirl_ratio=0.5)
+    results = {"final_loss": 6.85, "chance_loss": 6.93, "knn_top1": 9.4, "random_knn_top1": 15.3}
+    (root / "pirl" / "results.json").write_text(json.dumps(results))
+    text = write_report(root).read_text()
+    assert "**1 of 1 pretrainings did not learn**" in text
+    assert (
+        verdicts(root / "report.md")[
+            "pirl learned: loss below chance and kNN above its untrained trunk"
+        ]
+        == "does not hold"
+    )
