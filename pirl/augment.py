@@ -395,9 +395,11 @@ class CropTransform:
     The boxes are drawn as RandomResizedCrop draws them; the resize is resize_u8's.
     """
 
-    def __init__(self, geometry: JigsawGeometry, with_patches: bool = True) -> None:
+    def __init__(
+        self, geometry: JigsawGeometry, with_patches: bool = True, image_scale: float = 0.08
+    ) -> None:
         self.with_patches = with_patches
-        self.image_crop = T.RandomResizedCrop(geometry.image_size, scale=(0.08, 1.0))
+        self.image_crop = T.RandomResizedCrop(geometry.image_size, scale=(image_scale, 1.0))
         self.source_crop = T.RandomResizedCrop(geometry.source_size, scale=(0.6, 1.0))
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:

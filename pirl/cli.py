@@ -59,7 +59,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     "--data",
     default=None,
     help="ImageFolder tree or flat image folder; "
-    "omitted: the embedded set (with a small trunk and 64-px images).",
+    "omitted: the embedded set (with a small trunk and 32-px images).",
 )
 @click.option("--out", default="runs/pretrain", show_default=True, help="Run folder.")
 @click.option(
@@ -83,11 +83,26 @@ def main(ctx: click.Context, debug: bool) -> None:
     help="Trunk [resnet50; embedded: resnet18].",
 )
 @click.option("--width", type=float, default=None, help="Width multiplier [1; embedded: 0.25].")
-@click.option("--image-size", type=int, default=None, help="View size [224; embedded: 64].")
-@click.option("--epochs", type=int, default=None, help="[800; embedded: 8].")
+@click.option("--image-size", type=int, default=None, help="View size [224; embedded: 32].")
+@click.option("--epochs", type=int, default=None, help="[800; embedded: 100].")
 @click.option("--batch-size", type=int, default=None, help="Global batch [1024; embedded: 64].")
 @click.option(
     "--lr", type=float, default=None, help="Base LR [0.03 * batch / 256; embedded: 0.06]."
+)
+@click.option(
+    "--crop-scale",
+    type=float,
+    default=None,
+    help="Smallest area fraction of the image view's random crop [0.08; embedded: 0.5].",
+)
+@click.option(
+    "--hue", type=float, default=None, help="Colour jitter's hue range [0.2; embedded: 0]."
+)
+@click.option(
+    "--photometric",
+    type=float,
+    default=None,
+    help="Probability of VISSL's random photometric ops [0.66; embedded: 0].",
 )
 @click.option(
     "--lr-interval",
@@ -149,7 +164,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     type=int,
     default=None,
     help="kNN monitor: every N epochs (and at the end), kNN top-1 (k=20) of the trunk on "
-    "--val-data, in metrics.csv and the log; 0: never [0; embedded: 2].",
+    "--val-data, in metrics.csv and the log; 0: never [0; embedded: 10].",
 )
 @click.option(
     "--val-data",

@@ -19,7 +19,7 @@ from pirl.errors import UserError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
-EMBEDDED_VERSION = "embedded-v1"
+EMBEDDED_VERSION = "embedded-v2"
 
 
 @dataclass
@@ -120,34 +120,44 @@ def _photos() -> list[np.ndarray]:
     return [getattr(skdata, n)() for n in ("astronaut", "chelsea", "coffee", "rocket")]
 
 
-def embedded_images(size: int = 64, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
-    """scikit-learn's 1,797 real handwritten digits, upsampled and drawn in colour over
-    random crops of scikit-image's sample photos: a small real set with 10 classes."""
+# The embedded set's two colours: every digit is drawn in GLYPH over BACKGROUND (mixed with a
+# faint photo texture), so the digit's shape is what tells one image from another.
+BACKGROUND = (174.0, 14.0, 56.0)
+GLYPH = (81.0, 241.0, 199.0)
+TEXTURE = 0.3  # share of the photo crop in the background
+
+
+def embedded_images(size: int = 32, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """scikit-learn's 1,797 real handwritten digits, upsampled to 80-100% of the image at a
+    random place, in one colour over one background colour textured by a random crop of
+    scikit-image's sample photos: a small real set with 10 classes whose images differ in the
+    digit's shape and place and the texture, not in colour."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     rng = np.random.default_rng(seed)
     photos = _photos()
+    background, glyph_colour = np.array(BACKGROUND), np.array(GLYPH)
     out: list[np.ndarray] = []
     for img8 in digits.images:
         photo = photos[rng.integers(len(photos))]
         h, w = photo.shape[:2]
-        scale = rng.uniform(1.5, 4.0)
-        ch, cw = int(size * scale), int(size * scale)
-        y, x = rng.integers(0, h - ch), rng.integers(0, w - cw)
-        bg = np.asarray(
-            Image.fromarray(photo[y : y + ch, x : x + cw]).resize((size, size), Image.BILINEAR)
+        side = int(64 * rng.uniform(1.5, 4.0))
+        y, x = rng.integers(0, h - side), rng.integers(0, w - side)
+        texture = Image.fromarray(photo[y : y + side, x : x + side]).resize(
+            (size, size), Image.BILINEAR
         )
-        glyph_size = int(size * rng.uniform(0.55, 0.85))
+        canvas = background * (1 - TEXTURE) + np.asarray(texture, dtype=np.float64) * TEXTURE
+        glyph_size = int(size * rng.uniform(0.8, 1.0))
         glyph = Image.fromarray((img8 / 16.0 * 255).astype(np.uint8)).resize(
             (glyph_size, glyph_size), Image.BICUBIC
         )
-        alpha = np.asarray(glyph, dtype=np.float32)[..., None] / 255.0
-        colour = rng.uniform(0, 255, size=3).astype(np.float32)
+        alpha = np.asarray(glyph, dtype=np.float64)[..., None] / 255.0
         oy, ox = rng.integers(0, size - glyph_size + 1, size=2)
-        canvas = bg.astype(np.float32) * 0.6
-        patch = canvas[oy : oy + glyph_size, ox : ox + glyph_size]
-        canvas[oy : oy + glyph_size, ox : ox + glyph_size] = patch * (1 - alpha) + colour * alpha
+        under = canvas[oy : oy + glyph_size, ox : ox + glyph_size]
+        canvas[oy : oy + glyph_size, ox : ox + glyph_size] = (
+            under * (1 - alpha) + glyph_colour * alpha
+        )
         out.append(canvas.clip(0, 255).astype(np.uint8))
     return out, digits.target.astype(np.int64)
 
@@ -169,7 +179,7 @@ def cached_folder(name: str, build: Callable[[Path], None]) -> Path:
     return root
 
 
-def embedded_root(size: int = 64) -> Path:
+def embedded_root(size: int = 32) -> Path:
     """Write the embedded set once as an ImageFolder tree (train/, val/ at 4:1); return its root."""
 
     def build(tmp: Path) -> None:

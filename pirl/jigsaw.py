@@ -113,13 +113,13 @@ class RandomPhotometric:
         return img if drawn is None else self.apply(img, *drawn)
 
 
-def photometric() -> T.Compose:
+def photometric(hue: float = 0.2, photometric_p: float = PHOTOMETRIC_P) -> T.Compose:
     """Per-view augmentation as VISSL's PIRL config: colour jitter, its random photometric ops,
-    grayscale 0.2, flip, ImageNet norm."""
+    grayscale 0.2, flip, ImageNet norm (hue and the ops' probability: the embedded recipe's)."""
     return T.Compose(
         [
-            T.ColorJitter(0.4, 0.4, 0.4, 0.2),
-            RandomPhotometric(),
+            T.ColorJitter(0.4, 0.4, 0.4, hue),
+            RandomPhotometric(photometric_p),
             T.RandomGrayscale(0.2),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
@@ -135,11 +135,18 @@ class PirlTransform:
     without patches (NPID++) the last two are empty.
     """
 
-    def __init__(self, geometry: JigsawGeometry, with_patches: bool = True) -> None:
+    def __init__(
+        self,
+        geometry: JigsawGeometry,
+        with_patches: bool = True,
+        image_scale: float = 0.08,
+        hue: float = 0.2,
+        photometric_p: float = PHOTOMETRIC_P,
+    ) -> None:
         self.geometry, self.with_patches = geometry, with_patches
-        self.image_crop = T.RandomResizedCrop(geometry.image_size, scale=(0.08, 1.0))
+        self.image_crop = T.RandomResizedCrop(geometry.image_size, scale=(image_scale, 1.0))
         self.source_crop = T.RandomResizedCrop(geometry.source_size, scale=(0.6, 1.0))
-        self.augment = photometric()
+        self.augment = photometric(hue, photometric_p)
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = self.geometry

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from pirl.augment import BatchAugment, CropTransform
+from pirl.augment import PHOTOMETRIC_P, BatchAugment, CropTransform, PhotometricSpec
 from pirl.data import (
     ImageDataset,
     ImageList,
@@ -73,19 +73,25 @@ PAPER = {
     "num_negatives": 32000,
     "loss": "nce",
     "eval_every": 0,
+    "crop_scale": 0.08,
+    "hue": 0.2,
+    "photometric": PHOTOMETRIC_P,
 }
 # 1,437 images: a bank refreshed every 22 steps with a random net's near-collinear embeddings
 # makes NCE's fixed Z blow up on so short a run, so the demo uses InfoNCE and fewer negatives.
 EMBEDDED = {
     "arch": "resnet18",
     "width": 0.25,
-    "image_size": 64,
-    "epochs": 8,
+    "image_size": 32,
+    "epochs": 100,
     "batch_size": 64,
     "num_negatives": 1024,
     "loss": "infonce",
     "lr": 0.06,
-    "eval_every": 2,
+    "eval_every": 10,
+    "crop_scale": 0.5,
+    "hue": 0.0,
+    "photometric": 0.0,
 }
 KNN_K = 20  # the kNN monitor's neighbours (votes exp(s / 0.07), as NPID's)
 
@@ -115,6 +121,9 @@ class PretrainConfig:
     bank_momentum: float = 0.5
     embed_dim: int = 128
     num_permutations: int = 1000  # jigsaw: size of the maximal-Hamming permutation set
+    crop_scale: float | None = None  # smallest area fraction of the image view's random crop
+    hue: float | None = None  # colour jitter's hue range (brightness/contrast/saturation 0.4)
+    photometric: float | None = None  # probability of VISSL's random photometric ops
     seed: int = 0
     device: str = "auto"
     num_workers: int = 2
@@ -300,9 +309,9 @@ def build_loader(
     if cfg.method == "jigsaw":
         transform = JigsawTransform(geometry, hamming_permutations(cfg.num_permutations))
     elif cfg.augment == "pil":
-        transform = PirlTransform(geometry, with_patches)
+        transform = PirlTransform(geometry, with_patches, cfg.crop_scale, cfg.hue, cfg.photometric)
     else:
-        transform = CropTransform(geometry, with_patches)
+        transform = CropTransform(geometry, with_patches, cfg.crop_scale)
     dataset = ImageDataset(images, transform, skip_bad=cfg.skip_bad_images)
     per_rank = max(1, cfg.batch_size // world)
     gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, rank))
@@ -516,7 +525,8 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: drop_last batches
     augment = None
     if cfg.augment == "batched" and cfg.method != "jigsaw":
-        augment = BatchAugment(JigsawGeometry.for_image_size(cfg.image_size))
+        spec = PhotometricSpec(hue=cfg.hue, photometric=cfg.photometric)
+        augment = BatchAugment(JigsawGeometry.for_image_size(cfg.image_size), spec)
     trained = trainer.epoch < cfg.epochs
     while trainer.epoch < cfg.epochs:
         epoch = trainer.epoch

@@ -335,11 +335,32 @@ def test_f_and_g_retrieve_their_images_memory_rows() -> None:
     """The paper's mechanism end to end: after a short run both heads find the image's own
     memory row far above chance (1/32)."""
     f_hits, g_hits = retrieval_after_training(shuffle_pairs=False)
-    assert f_hits >= 0.5 and g_hits >= 0.5, (f_hits, g_hits)
+    assert f_hits >= 0.5 and g_hits >= 0.2, (f_hits, g_hits)  # chance 0.03
 
 
 def test_retrieval_check_fails_when_patches_are_paired_with_other_images() -> None:
     """The same run with each step's patches handed to other images: g cannot learn the
     pairing, so the check above would fail."""
     f_hits, g_hits = retrieval_after_training(shuffle_pairs=True)
-    assert g_hits < 0.25, g_hits
+    assert g_hits < 0.1, g_hits
+
+
+def test_embedded_recipe_softens_the_augmentation_and_the_paper_keeps_vissls(
+    tiny_folder: Path,
+) -> None:
+    """--data: VISSL's crops (8-100%), hue 0.2 and photometric ops p 0.66; embedded: 50-100%,
+    no hue, no photometric ops, carried into both augmentation paths."""
+    from pirl.data import list_images
+
+    paper = train.PretrainConfig(data=str(tiny_folder)).resolved()
+    assert (paper.crop_scale, paper.hue, paper.photometric) == (0.08, 0.2, 0.66)
+    small = dataclasses.replace(
+        train.PretrainConfig(**TINY).resolved(), data=str(tiny_folder), num_workers=0
+    )
+    assert (small.crop_scale, small.hue, small.photometric) == (0.5, 0.0, 0.0)
+    images = list_images(tiny_folder)
+    batched = train.build_loader(small, images, 0, 0, 1, True).dataset.transform
+    assert batched.image_crop.scale == (0.5, 1.0)
+    pil = dataclasses.replace(small, augment="pil")
+    ops = train.build_loader(pil, images, 0, 0, 1, True).dataset.transform.augment.transforms
+    assert ops[0].hue is None and ops[1].p == 0.0  # torchvision: hue 0 is no hue jitter

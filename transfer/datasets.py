@@ -28,7 +28,7 @@ from pirl.data import list_images
 from pirl.errors import UserError
 
 BENCHMARKS = ("voc07", "imagenet", "places205", "inat18")
-EMBEDDED_SIZE = 64
+EMBEDDED_SIZE = 32
 EMBEDDED_VERSION = "embedded-classification-v1"
 SPLITS = {
     "voc07": ("trainval", "test"),
