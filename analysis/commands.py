@@ -23,7 +23,7 @@ from pirl.tables import markdown_table
 from pirl.weights import load_encoder
 
 # The embedded demo's two models. Jigsaw uses 100 permutation classes rather than 1,000: its
-# 8 epochs on 1,437 images give too few examples per class to learn 1,000.
+# 1,437 images give too few examples per permutation class to learn 1,000.
 EMBEDDED_METHODS: dict[str, dict[str, Any]] = {"pirl": {}, "jigsaw": {"num_permutations": 100}}
 EMBEDDED_SIZE = 32
 

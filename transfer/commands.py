@@ -121,8 +121,8 @@ def run_linear(
 ) -> dict:
     """Run one Table 2 benchmark for one encoder; write config/results/row when `out` is set.
 
-    weights is [NAME=]PATH or a random spec; data None means the embedded set (64-px images,
-    image_size 64 unless given); image_size None means 224 on real data.
+    weights is [NAME=]PATH or a random spec; data None means the embedded set (32-px images,
+    image_size 32 unless given); image_size None means 224 on real data.
     """
     from pirl.weights import load_encoder
 
