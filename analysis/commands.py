@@ -15,10 +15,10 @@ from analysis.invariance import HEADS, STAGES, LayerInvariance, Runtime, encoder
 from analysis.knn import encoder_knn
 from analysis.plots import plot_histograms, plot_layer_curves
 from pirl.data import ImageList, embedded_root, list_images
+from pirl.engine import RunDir
 from pirl.errors import UserError
 from pirl.knn import KS
 from pirl.options import data_option, out_option, parse_weights, runtime_options, weights_option
-from pirl.runs import RunDir
 from pirl.tables import markdown_table
 from pirl.weights import load_encoder
 
@@ -30,7 +30,7 @@ EMBEDDED_SIZE = 32
 
 def embedded_checkpoints(device: str, num_workers: int) -> list[tuple[str, str]]:
     """Checkpoints of the embedded pretraining of PIRL and Jigsaw (trained once, cached)."""
-    from pirl.train import embedded_checkpoint
+    from pirl.pretrain import embedded_checkpoint
 
     return [
         (method, str(embedded_checkpoint(method, device, num_workers, **extra)))

@@ -34,7 +34,7 @@ from pirl.data import ImageDataset, collate_skipping, list_images
 from pirl.jigsaw import JigsawGeometry, PirlTransform
 from pirl.memory import MemoryBank
 from pirl.nce import PirlLoss
-from pirl.train import PretrainConfig, device_views, make_trainer
+from pirl.pretrain import PretrainConfig, device_views, make_trainer
 
 IMAGENET = 1_281_167
 NEGATIVES = 32_000

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from transfer.linear import COSTS, envelope_ap, kfold, voc07_svm
+from transfer.classifiers import COSTS, envelope_ap, kfold, voc07_svm
 
 N_TRAIN, N_TEST, DIM, CLASSES = 5011, 4952, 8192, 20
 

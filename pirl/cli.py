@@ -178,8 +178,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--nproc", type=int, default=1, show_default=True, help="Local DDP processes.")
 def pretrain(nproc: int, **kwargs: Any) -> None:
     """Pretrain a trunk with PIRL (or NPID++) and write OUT/checkpoint.pth."""
-    from pirl.train import PretrainConfig, pretrain_multiprocess
-    from pirl.train import pretrain as run_pretrain
+    from pirl.pretrain import PretrainConfig, pretrain_multiprocess
+    from pirl.pretrain import pretrain as run_pretrain
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = PretrainConfig(**kwargs)
@@ -189,7 +189,7 @@ def pretrain(nproc: int, **kwargs: Any) -> None:
         run_pretrain(cfg)
     ckpt = Path(cfg.out) / "checkpoint.pth"
     if cfg.data is None:  # the embedded demo: show what was learned
-        from transfer.commands import probe_against_untrained
+        from transfer.linear_probe import probe_against_untrained
 
         results = probe_against_untrained(cfg.out, cfg.device, cfg.num_workers, cfg.seed)
         click.echo(comparison(cfg.method, results))

@@ -26,8 +26,8 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from pirl.data import cache_dir
-from pirl.runs import resolve_device
-from pirl.runs import world as dist_world
+from pirl.engine import resolve_device
+from pirl.engine import world as dist_world
 from pirl.trunk import Trunk
 
 LAYERS = ("conv1", "res2", "res3", "res4", "res5", "res5avg")

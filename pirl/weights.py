@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pirl.engine import atomic_torch_save, atomic_write_bytes
 from pirl.errors import UserError
 from pirl.heads import PirlHeads
-from pirl.runs import atomic_torch_save, atomic_write_bytes
 from pirl.trunk import ARCHS, Trunk, build_trunk
 
 FORMATS = ("native", "torchvision", "vissl", "moco", "pycontrast", "plain", "detectron2")

@@ -74,7 +74,7 @@ def test_embedded_comparison_adds_linear_probes_and_prints_a_table(
     import json
 
     from pirl.cli import comparison
-    from transfer.commands import probe_against_untrained, run_linear
+    from transfer.linear_probe import probe_against_untrained, run_linear
 
     split = tmp_path / "split"
     for i, p in enumerate(sorted(tiny_folder.rglob("*.png"))):

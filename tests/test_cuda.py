@@ -16,7 +16,7 @@ from pirl import augment as A
 from pirl.jigsaw import JigsawGeometry
 from pirl.memory import MemoryBank
 from pirl.nce import PirlLoss
-from pirl.train import PretrainConfig, prefetched, pretrain
+from pirl.pretrain import PretrainConfig, prefetched, pretrain
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

@@ -20,7 +20,7 @@ from pirl.jigsaw_pretext import (
     hamming_permutations,
     min_hamming_distance,
 )
-from pirl.train import read_checkpoint
+from pirl.pretrain import read_checkpoint
 from pirl.trunk import build_trunk
 from pirl.weights import load_encoder
 

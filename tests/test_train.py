@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from pirl import train
+import pirl.pretrain as train
 from pirl.errors import UserError
-from pirl.train import PretrainConfig, pretrain, read_checkpoint
+from pirl.pretrain import PretrainConfig, pretrain, read_checkpoint
 
 TINY = dict(arch="resnet18", width=0.125, image_size=32, batch_size=16, num_negatives=64)
 

@@ -33,8 +33,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
 from tqdm import tqdm
 
+from pirl.engine import RunDir, atomic_torch_save, seed_everything, setup_distributed
 from pirl.errors import UserError
-from pirl.runs import RunDir, atomic_torch_save, seed_everything, setup_distributed
 from pirl.tables import markdown_table
 from pirl.trunk import Trunk
 from transfer.voc_ap import Detections, write_devkit_detections

@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from pirl.engine import RunDir
 from pirl.errors import UserError
 from pirl.options import out_option, parse_weights, runtime_options, weights_option
-from pirl.runs import RunDir
 
 # The embedded default: a few minutes on a laptop CPU instead of the paper's 25k iterations.
 EMBEDDED = {

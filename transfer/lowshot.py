@@ -10,7 +10,7 @@ images (or a fixed --per-class count), drawn by a permutation seeded from (seed,
 sorted files, so a run repeats exactly and for one seed the 1% subset lies inside the 10% one.
 The chosen files go to subset.txt in the split-file format, so `--split-file subset.txt`
 replays them. Checkpoints are written atomically each epoch and every epoch's randomness is
-seeded from (seed, epoch), so --resume continues exactly (on the CPU) as pirl/train.py does.
+seeded from (seed, epoch), so --resume continues exactly (on the CPU) as pirl/pretrain.py does.
 """
 
 from __future__ import annotations
@@ -32,17 +32,17 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from pirl.data import ImageDataset, ImageList, embedded_root, list_images
-from pirl.errors import UserError
-from pirl.features import IMAGENET_MEAN, IMAGENET_STD, center_crop_transform
-from pirl.runs import (
+from pirl.engine import (
     RunDir,
     atomic_torch_save,
     atomic_write_bytes,
     seed_everything,
     setup_distributed,
 )
-from pirl.runs import world as runs_world
-from pirl.train import epoch_seed, param_groups, read_checkpoint
+from pirl.engine import world as runs_world
+from pirl.errors import UserError
+from pirl.features import IMAGENET_MEAN, IMAGENET_STD, center_crop_transform
+from pirl.pretrain import epoch_seed, param_groups, read_checkpoint
 from pirl.trunk import Trunk
 from pirl.weights import load_encoder
 

@@ -7,7 +7,7 @@ DIR of --data-root holds voc07/, imagenet/, places205/, inat18/, each in its rea
 reason. With no --data-root the embedded set is used (600 packaged digits-on-photos images in
 the four layouts, probes on cached centre-crop features); with no --weights the rows are a
 randomly initialised trunk (the floor) and, unless --no-pretrain, a PIRL model pretrained on
-the embedded set (pirl.train.embedded_checkpoint: trained once into the cache, then reused).
+the embedded set (pirl.pretrain.embedded_checkpoint: trained once into the cache, then reused).
 Writes OUT/table2.md and OUT/table2.csv (Method, Parameters, ImageNet, VOC07, Places205, iNat.)
 and one run folder per (method, benchmark) under OUT/runs.
 """
@@ -22,8 +22,8 @@ import pandas as pd
 
 from pirl.errors import UserError
 from pirl.tables import markdown_table
-from transfer.commands import method_and_path, run_linear
 from transfer.datasets import BENCHMARKS, SPLITS, load_split
+from transfer.linear_probe import method_and_path, run_linear
 
 COLUMNS = {"imagenet": "ImageNet", "voc07": "VOC07", "places205": "Places205", "inat18": "iNat."}
 RANDOM_SPEC = "random=random:resnet18@0.25"
@@ -60,7 +60,7 @@ def assemble(results: list[dict]) -> pd.DataFrame:
 
 def pretrained_embedded(device: str) -> tuple[str | None, str]:
     """The shared embedded PIRL checkpoint, or why there is none (the table goes on without)."""
-    from pirl.train import embedded_checkpoint
+    from pirl.pretrain import embedded_checkpoint
 
     try:
         return str(embedded_checkpoint("pirl", device)), ""

@@ -1,7 +1,7 @@
 """PIRL / NPID++ pretraining: the whole recipe in one loop, with exact resume and DDP.
 
 Run with `pirl-tools pretrain ...`, `pirl-tools pretrain --nproc K ...`, or
-`torchrun --nproc_per_node K -m pirl.train ...` (same flags).
+`torchrun --nproc_per_node K -m pirl.pretrain ...` (same flags).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from pirl.data import (
     embedded_root,
     list_images,
 )
+from pirl.engine import RunDir, atomic_torch_save, seed_everything, setup_distributed
 from pirl.errors import UserError
 from pirl.heads import PirlHeads
 from pirl.jigsaw import JigsawGeometry, PirlTransform
@@ -49,7 +50,6 @@ from pirl.knn import trunk_knn
 from pirl.memory import BANK_DTYPES, MemoryBank
 from pirl.nce import EPS, PirlLoss
 from pirl.plots import plot_learning_curve
-from pirl.runs import RunDir, atomic_torch_save, seed_everything, setup_distributed
 from pirl.trunk import Trunk, build_trunk
 from pirl.weights import read_checkpoint
 

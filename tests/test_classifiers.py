@@ -4,7 +4,7 @@ import torch
 from sklearn.metrics import precision_recall_curve
 from sklearn.svm import LinearSVC
 
-from transfer.linear import (
+from transfer.classifiers import (
     COSTS,
     LinearProbe,
     envelope_ap,

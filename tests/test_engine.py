@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from pirl.engine import RunDir
 from pirl.errors import UserError
-from pirl.runs import RunDir
 
 
 def test_metrics_rows_with_other_columns_are_refused_not_misfiled(tmp_path: Path) -> None:

@@ -1,0 +1,325 @@
+"""The linear-probe recipe of Table 2: weights -> frozen trunk -> cached features -> VOC07
+SVMs, or BN + Linear for ImageNet / Places205 / iNat18.
+
+Training the BN + Linear probe with augmentation (the published recipe) runs the trunk on
+RandomResizedCrop + flip views every epoch; `augment=False` trains on cached centre-crop
+features instead, much faster but without augmentation (a documented deviation).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision import transforms as T
+
+from pirl.data import ImageDataset, ImageList
+from pirl.engine import RunDir, resolve_device, seed_everything
+from pirl.errors import UserError
+from pirl.features import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FeatureExtractor,
+    cache_key,
+    center_crop_transform,
+    dataset_fingerprint,
+    feature_channels,
+    resize_transform,
+    weights_fingerprint,
+)
+from transfer.classifiers import scaled_schedule, train_probe, voc07_svm
+from transfer.datasets import (
+    BENCHMARKS,
+    EMBEDDED_SIZE,
+    SPLITS,
+    Split,
+    embedded_benchmarks,
+    load_split,
+    voc_labels,
+)
+
+LAYER_CHOICES = ("conv1", "res2", "res3", "res4", "res5", "res5avg")
+METRIC = {"voc07": "mAP", "imagenet": "top1", "places205": "top1", "inat18": "top1"}
+
+
+def _image_list(split: Split) -> ImageList:
+    labels = split.labels.tolist() if split.labels.ndim == 1 else [-1] * len(split)
+    return ImageList(Path("."), split.paths, labels, split.classes)
+
+
+def _cached(
+    ext: FeatureExtractor,
+    split: Split,
+    transform: Any,
+    weights: str,
+    seed: int,
+    batch_size: int,
+    num_workers: int,
+    dtype: str,
+) -> np.ndarray:
+    key = cache_key(
+        weights_fingerprint(weights),
+        ext.layer,
+        dataset_fingerprint(split.paths),
+        transform,
+        seed=seed,
+        dtype=dtype,
+    )
+    return ext.extract(
+        ImageDataset(_image_list(split), transform),
+        key=key,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        dtype=dtype,
+    )
+
+
+def _batches(feats: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int):
+    order = (
+        np.random.default_rng(seed).permutation(len(feats)) if shuffle else np.arange(len(feats))
+    )
+    for i in range(0, len(order), batch_size):
+        idx = np.sort(order[i : i + batch_size])
+        yield (
+            torch.from_numpy(np.asarray(feats[idx], dtype=np.float32)),
+            torch.from_numpy(labels[idx]),
+        )
+
+
+def method_and_path(spec: str) -> tuple[str, str]:
+    """Split [NAME=]PATH; the name defaults to the file's stem, or the spec itself (random:...)."""
+    name, sep, path = spec.partition("=")
+    if sep:
+        return name, path
+    return (Path(spec).stem if Path(spec).is_file() else spec), spec
+
+
+def run_linear(
+    weights: str,
+    benchmark: str,
+    data: str | Path | None = None,
+    layer: str = "res5",
+    out: str | Path | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    epochs: int | None = None,
+    image_size: int | None = None,
+    augment: bool = True,
+    feature_dtype: str = "float16",
+) -> dict:
+    """Run one Table 2 benchmark for one encoder; write config/results/row when `out` is set.
+
+    weights is [NAME=]PATH or a random spec; data None means the embedded set (32-px images,
+    image_size 32 unless given); image_size None means 224 on real data.
+    """
+    from pirl.weights import load_encoder
+
+    if benchmark not in BENCHMARKS:
+        raise UserError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARKS)}")
+    method, weights = method_and_path(weights)
+    if data is None:
+        data = embedded_benchmarks()[benchmark]
+        image_size = image_size or EMBEDDED_SIZE
+    image_size = image_size or 224
+    config = dict(
+        method=method,
+        weights=weights,
+        benchmark=benchmark,
+        data=str(data),
+        layer=layer,
+        device=device,
+        seed=seed,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        epochs=epochs,
+        image_size=image_size,
+        augment=augment,
+        feature_dtype=feature_dtype,
+    )
+    seed_everything(seed)
+    dev = resolve_device(device)
+    train_split, test_split = (load_split(benchmark, data, s) for s in SPLITS[benchmark])
+    encoder = load_encoder(weights, seed=seed)
+    ext = FeatureExtractor(encoder.trunk, layer, device=dev)
+    run = RunDir(out) if out is not None else None
+    if run is not None:
+        run.write_config(
+            {
+                **config,
+                "schedule": scaled_schedule(benchmark, epochs) if benchmark != "voc07" else None,
+                "arch": encoder.arch,
+                "width": encoder.width,
+                "format": encoder.format,
+            }
+        )
+    start = time.perf_counter()
+    args = (weights, seed, batch_size, num_workers, feature_dtype)
+    if benchmark == "voc07":
+        tf = resize_transform(image_size)
+        xtr, xte = (_cached(ext, s, tf, *args) for s in (train_split, test_split))
+        res = voc07_svm(xtr, train_split.labels, xte, test_split.labels, device=dev)
+        res["classes"] = train_split.classes
+    else:
+        res = _linear_benchmark(
+            ext, benchmark, train_split, test_split, run, dev, epochs, image_size, augment, args
+        )
+    params = sum(p.numel() for p in encoder.trunk.parameters())
+    results = {
+        "benchmark": benchmark,
+        "method": method,
+        "weights": weights,
+        "layer": layer,
+        "metric": METRIC[benchmark],
+        "value": res[METRIC[benchmark]],
+        "seconds": time.perf_counter() - start,
+        "feature_dim": ext.dim,
+        "parameters": params,
+        **res,
+    }
+    if run is not None:
+        run.write_results(results)
+        run.path("row.md").write_text(markdown_row(results))
+    return results
+
+
+def probe_against_untrained(
+    run: str | Path, device: str = "auto", num_workers: int = 2, seed: int = 0
+) -> dict:
+    """Linear probe at res5 (the ImageNet protocol on cached centre-crop features) of a
+    pretraining run's checkpoint and of an untrained trunk of the same architecture, on the
+    labelled split the run's kNN monitor used; the two top-1s join the run's results.json."""
+    run = RunDir(run)
+    config = json.loads(run.path("config.json").read_text())
+    common = dict(
+        benchmark="imagenet",
+        data=config["val_data"],
+        layer="res5",
+        device=device,
+        seed=seed,
+        num_workers=num_workers,
+        image_size=config["image_size"],
+        augment=False,
+    )
+    ckpt = run.path("checkpoint.pth")
+    untrained = f"untrained=random:{config['arch']}@{config['width']:g}"
+    results = json.loads(run.path("results.json").read_text())
+    results["linear_top1"] = run_linear(f"{config['method']}={ckpt}", **common)["top1"]
+    results["random_linear_top1"] = run_linear(untrained, **common)["top1"]
+    run.write_results(results)
+    return results
+
+
+def markdown_row(results: dict) -> str:
+    """The paper-layout Markdown row (Method, Parameters, benchmark) of one run."""
+    method = results["method"]
+    head = f"| Method | Parameters | {results['benchmark']} ({results['layer']}) |"
+    row = f"| {method} | {results['parameters'] / 1e6:.1f}M | {results['value']:.1f} |"
+    return f"{head}\n|---|---|---|\n{row}\n"
+
+
+def _linear_benchmark(
+    ext, benchmark, train_split, test_split, run, dev, epochs, image_size, augment, args
+) -> dict:
+    weights, seed, batch_size, num_workers, dtype = args
+    n_epochs, milestones = scaled_schedule(benchmark, epochs)
+    test_tf = center_crop_transform(image_size)
+    xte = _cached(ext, test_split, test_tf, *args)
+    yte = test_split.labels
+    if augment:
+        train_tf = T.Compose(
+            [
+                T.RandomResizedCrop(image_size),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+        dataset = ImageDataset(_image_list(train_split), train_tf)
+
+        def train_batches(epoch: int):
+            g = torch.Generator().manual_seed(seed * 1000 + epoch)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, generator=g
+            )
+            for x, y, _ in loader:
+                yield ext(x), y
+    else:
+        xtr = _cached(ext, train_split, test_tf, *args)
+
+        def train_batches(epoch: int):
+            return _batches(xtr, train_split.labels, batch_size, True, seed * 1000 + epoch)
+
+    log = run.append_metrics if run is not None else None
+    seed_everything(seed)  # here: extracting features (a cache miss) consumes random numbers
+    res = train_probe(
+        train_batches,
+        lambda: _batches(xte, yte, batch_size, False, 0),
+        ext.dim,
+        feature_channels(ext.trunk, ext.layer),
+        len(train_split.classes),
+        n_epochs,
+        milestones,
+        batch_size,
+        dev,
+        log,
+    )
+    return {**res, "epochs": n_epochs, "milestones": list(milestones), "augment": augment}
+
+
+def _load_npy(path: str | None, flag: str) -> np.ndarray:
+    if path is None:
+        raise UserError(f"{flag} is required with --features")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a .npy array ({exc})") from None
+
+
+def run_precomputed(
+    features: str,
+    labels: str | None,
+    split: str | None,
+    out: str | Path,
+    device: str = "auto",
+    label_encoding: str = "devkit",
+) -> dict:
+    """VOC07 SVM protocol on features someone else extracted (labels in either encoding)."""
+    x = _load_npy(features, "--features")
+    y = _load_npy(labels, "--labels")
+    s = _load_npy(split, "--split")
+    if x.ndim != 2:
+        raise UserError(f"{features}: expected a 2-d (n, d) array, got shape {x.shape}")
+    if y.ndim != 2 or len(y) != len(x) or not np.isin(y, (-1, 0, 1)).all():
+        raise UserError(f"{labels}: expected an ({len(x)}, classes) array of 1/0/-1")
+    if s.shape != (len(x),) or not np.isin(s, (0, 1)).all():
+        raise UserError(f"{split}: expected ({len(x)},) of 1 (trainval) / 0 (test)")
+    y = voc_labels(y, label_encoding, labels)
+    tr = np.asarray(s) == 1
+    start = time.perf_counter()
+    res = voc07_svm(x[tr], y[tr], x[~tr], y[~tr], device=resolve_device(device))
+    results = {
+        "benchmark": "voc07",
+        "features": str(features),
+        "metric": "mAP",
+        "value": res["mAP"],
+        "seconds": time.perf_counter() - start,
+        **res,
+    }
+    run = RunDir(out)
+    run.write_config(
+        {
+            "features": features,
+            "labels": labels,
+            "label_encoding": label_encoding,
+            "split": split,
+            "device": device,
+        }
+    )
+    run.write_results(results)
+    return results
