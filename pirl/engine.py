@@ -1,27 +1,58 @@
-"""Run folders (config, metrics, results every command writes) and device/seed set-up."""
+"""The run engine every training and evaluation recipe shares: the run folder (config,
+environment record, metrics, results, checkpoints), the guard that never overwrites a run, the
+resume check, distributed set-up and DDP wrapping, the epoch's seeded loader and the
+finite-loss stop. Recipes (pirl/pretrain.py, pirl/jigsaw_pretext.py, transfer/linear_probe.py,
+transfer/lowshot.py, transfer/detection.py) hold only their model, step and evaluation."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import platform
 import random
-from collections.abc import Mapping
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from pirl.errors import UserError
+from pirl.safe_load import read_checkpoint
+
+# Settings that say where and how a run executes, not what it computes: a resume may change them.
+RUNTIME_KEYS = frozenset({"out", "device", "num_workers", "resume", "overwrite", "allow_change"})
+# What the engine writes into a run folder (an --overwrite removes exactly these).
+RUN_FILES = ("config.json", "run.json", "metrics.csv", "results.json", "checkpoint.pth")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """Pick cuda when present for 'auto', so the same command runs on a laptop and a GPU node."""
+    """Pick cuda when present for 'auto', so the same command runs on a laptop and a GPU node;
+    a device this machine lacks is a one-line error, not a traceback at the first tensor."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(
+            f"--device {device}: unknown device; use cpu, cuda, cuda:N or auto"
+        ) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: unsupported; use cpu, cuda, cuda:N or auto")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {device}: this machine has no CUDA device")
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"--device {device}: this machine has {count} CUDA device(s)")
+    return dev
 
 
 def world() -> tuple[int, int]:
@@ -42,6 +73,68 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(dev)
     return rank, size, dev
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model DistributedDataParallel-wrapped under torch.distributed, else as it is."""
+    if world()[1] == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch on one rank: what makes a resumed epoch repeat exactly."""
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % 2**63
+
+
+def epoch_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    num_workers: int,
+    collate_fn: Any = None,
+) -> torch.utils.data.DataLoader:
+    """One epoch's shuffled loader of a global batch split over the ranks; its order and its
+    workers' augmentation seeds depend on (seed, epoch, rank) only, so a resume repeats it."""
+    rank, size = world()
+    per_rank = max(1, batch_size // size)
+    sampler = None
+    if size > 1:
+        sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        sampler.set_epoch(epoch)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=per_rank,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(epoch_seed(seed, epoch, rank)),
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        drop_last=len(dataset) > per_rank * size,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, decay_bias: bool = False
+) -> list[dict[str, Any]]:
+    """Weight decay on conv and linear weights, and on linear biases when decay_bias (VISSL's
+    regularize_bias: its NPID++ config sets it, its PIRL config does not); never on BN."""
+    norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+    bn = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        wanted = p.ndim > 1 or (decay_bias and id(p) not in bn)
+        (decay if wanted else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def seed_everything(seed: int) -> None:
@@ -74,21 +167,184 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _jsonable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as config.json holds it (tuples as lists), so saved and new compare equal."""
+    return json.loads(json.dumps(dict(config), default=str))
+
+
+def _git_commit() -> dict[str, Any] | None:
+    """The checkout's commit (and whether it had local changes) when run from a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return {"commit": head.stdout.strip(), "local_changes": bool(status.stdout.strip())}
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a result depends on besides its config: versions, commit, device, command line."""
+    import torchvision
+
+    from pirl import __version__
+
+    name = str(device)
+    if device.type == "cuda":
+        name += f" ({torch.cuda.get_device_name(device)})"
+    return {
+        "command_line": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {
+            "pirl-tools": __version__,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "python": platform.python_version(),
+        },
+        "git": _git_commit(),
+        "device": name,
+        "world_size": world()[1],
+        "host": platform.node(),
+    }
+
+
 class RunDir:
-    """A run folder with config.json, metrics.csv, results.json, so any result can be repeated."""
+    """A run folder with config.json, run.json, metrics.csv, results.json and checkpoints, so
+    any result can be repeated and no run is ever overwritten by accident."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
         return self.root / name
 
-    def write_config(self, config: Mapping[str, Any]) -> Path:
-        """Record the fully resolved config (every default made explicit)."""
-        data = json.dumps(dict(config), indent=2, sort_keys=True, default=str).encode()
+    def start(
+        self,
+        command: str,
+        config: Mapping[str, Any],
+        device: torch.device,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        allow_change: Sequence[str] = (),
+        record: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Claim the folder for `command` before any work: refuse another command's run, an
+        existing run without --resume or --overwrite, and a resume whose settings differ (except
+        runtime keys and allow_change); remove temp files of a killed write; on rank 0 write
+        config.json (what --config reads back) and run.json (environment, command line)."""
+        self._writable()
+        saved_cmd = self._saved_command()
+        if saved_cmd not in (None, command):
+            raise UserError(
+                f"{self.root}: holds a `{saved_cmd}` run, not `{command}`; choose another --out"
+            )
+        ckpt = self.path("checkpoint.pth")
+        exists = any(self.path(n).exists() for n in RUN_FILES)
+        if resume:
+            if not ckpt.exists():
+                raise UserError(f"{ckpt}: nothing to resume (no checkpoint)")
+            self._check_resume(config, allow_change)
+        elif exists and not overwrite:
+            raise UserError(
+                f"{self.root}: a {command} run exists here; pass --resume to continue it, "
+                "--overwrite to replace it, or choose another --out"
+            )
+        if world()[0] != 0:
+            return
+        for stale in self.root.glob(".*.tmp*"):  # a write killed before its rename
+            stale.unlink(missing_ok=True)
+        if overwrite and not resume:
+            for name in RUN_FILES:
+                self.path(name).unlink(missing_ok=True)
+        data = json.dumps(_jsonable(config), indent=2, sort_keys=True).encode()
         atomic_write_bytes(self.path("config.json"), data)
-        return self.path("config.json")
+        runs = self._runs() if resume else []
+        runs.append({**environment(device), **(record or {})})
+        body = {"command": command, "invocations": runs}
+        atomic_write_bytes(self.path("run.json"), json.dumps(body, indent=2, default=str).encode())
+
+    def _writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.path(f".write-test.tmp{os.getpid()}")
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"{self.root}: cannot write the run folder ({exc.strerror})") from None
+
+    def _read_json(self, name: str) -> Any:
+        path = self.path(name)
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path}: unreadable ({exc})") from None
+
+    def _saved_command(self) -> str | None:
+        if not self.path("run.json").exists():
+            return None
+        data = self._read_json("run.json")
+        return data.get("command") if isinstance(data, dict) else None
+
+    def _runs(self) -> list[Any]:
+        if not self.path("run.json").exists():
+            return []
+        data = self._read_json("run.json")
+        return list(data.get("invocations", [])) if isinstance(data, dict) else []
+
+    def _check_resume(self, config: Mapping[str, Any], allow_change: Sequence[str]) -> None:
+        new = _jsonable(config)
+        unknown = sorted(set(allow_change) - set(new))
+        if unknown:
+            raise UserError(f"--allow-change {unknown[0]}: not a setting of this run")
+        if not self.path("config.json").exists():
+            return
+        saved = self._read_json("config.json")
+        skip = RUNTIME_KEYS | set(allow_change)
+        changed = [
+            k for k in sorted(set(saved) | set(new)) if k not in skip and saved.get(k) != new.get(k)
+        ]
+        if changed:
+            diffs = ", ".join(f"{k} {saved.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            raise UserError(
+                f"{self.path('config.json')}: --resume with changed settings ({diffs}); pass "
+                "--allow-change KEY for each that may change, or choose another --out"
+            )
+
+    def save_checkpoint(self, state: Mapping[str, Any], name: str = "checkpoint.pth") -> Path:
+        """Write a checkpoint atomically: the previous one survives any crash."""
+        atomic_torch_save(dict(state), self.path(name))
+        return self.path(name)
+
+    def load_checkpoint(self, name: str = "checkpoint.pth") -> dict[str, Any]:
+        """Read a checkpoint back without running code from it (weights_only)."""
+        state = read_checkpoint(self.path(name))
+        if not isinstance(state, dict):
+            raise UserError(f"{self.path(name)}: not a checkpoint of this run")
+        return state
+
+    def check_finite(self, loss: float, where: str, name: str = "checkpoint.pth") -> None:
+        """Stop on a NaN or infinite loss before the step is applied, naming the last good
+        checkpoint (the one on disk is never replaced by a diverged state)."""
+        if math.isfinite(loss):
+            return
+        ckpt = self.path(name)
+        kept = f"last good checkpoint kept at {ckpt}" if ckpt.exists() else "no checkpoint yet"
+        raise UserError(f"{self.root}: loss became {loss} at {where}; stopped, {kept}")
 
     def append_metrics(self, row: Mapping[str, Any], name: str = "metrics.csv") -> None:
         """Append one row; the header is written with the first row, and a row whose columns

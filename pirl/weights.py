@@ -8,7 +8,6 @@ checkpoint holds. Third-party files are untrusted: torch files load with
 
 from __future__ import annotations
 
-import codecs
 import pickle
 import re
 from collections.abc import Iterable, Mapping
@@ -22,97 +21,14 @@ import torch
 from pirl.engine import atomic_torch_save, atomic_write_bytes
 from pirl.errors import UserError
 from pirl.heads import PirlHeads
+from pirl.safe_load import read_checkpoint
 from pirl.trunk import ARCHS, Trunk, build_trunk
 
 FORMATS = ("native", "torchvision", "vissl", "moco", "pycontrast", "plain", "detectron2")
 PLAIN_PREFIXES = ("module.", "backbone.", "model.", "encoder.")
 TRUNK_ROOTS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
 D2_PREFIXES = ("module.", "backbone.bottom_up.", "backbone.")
-_LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 _SHOWN = 4  # how many offending keys an error message lists
-
-
-def _numpy_globals() -> dict[tuple[str, str], Any]:
-    """The only globals a numpy-array pickle needs, under both numpy 1 and numpy 2 module names."""
-    core = getattr(np, "_core", None) or np.core
-    allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): codecs.encode,  # protocol-2 pickles store bytes this way
-    }
-    for mod in ("numpy.core", "numpy._core"):
-        allowed[(f"{mod}.multiarray", "_reconstruct")] = core.multiarray._reconstruct
-        allowed[(f"{mod}.multiarray", "scalar")] = core.multiarray.scalar
-        allowed[(f"{mod}.numeric", "_frombuffer")] = core.numeric._frombuffer
-    return allowed
-
-
-class _RefusedGlobal(pickle.UnpicklingError):
-    """A pickle asked for a global outside the numpy allowlist (it could run code)."""
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler resolving only numpy's array-reconstruction names; anything else is refused."""
-
-    _allowed = _numpy_globals()
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._allowed:
-            return self._allowed[(module, name)]
-        raise _RefusedGlobal(f"{module}.{name}")
-
-
-def _refused(path: Path, name: str) -> UserError:
-    return UserError(
-        f"{path}: refused to load: it would import {name}, which can run code; only tensors, "
-        "plain containers and numpy arrays are allowed in a checkpoint"
-    )
-
-
-def _unreadable(path: Path, exc: BaseException) -> UserError:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return UserError(f"{path}: unreadable, truncated or not a checkpoint ({reason[:160]})")
-
-
-def _torch_load(path: Path) -> Any:
-    """torch.load with weights_only=True, numpy arrays allowed (training states often hold them)."""
-    safe: list[Any] = [(obj, f"{mod}.{name}") for (mod, name), obj in _numpy_globals().items()]
-    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 rebuilds dtypes as these classes
-    safe += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")] if dtypes else []
-    try:
-        with torch.serialization.safe_globals(safe):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", str(exc))
-        if found or "Weights only load failed" in str(exc):
-            name = (found.group(1) or found.group(2)) if found else "a Python object"
-            raise _refused(path, name) from None
-        raise _unreadable(path, exc) from None
-    except Exception as exc:  # torch reports corrupt archives as RuntimeError, EOFError, ...
-        raise _unreadable(path, exc) from None
-
-
-def read_checkpoint(path: str | Path) -> Any:
-    """Unpickle a checkpoint file without ever running code from it."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if not path.is_file():
-        raise UserError(f"{path}: not a file")
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-        if head.startswith(b"PK"):
-            return _torch_load(path)
-        fh.seek(0)
-        try:
-            first = _NumpyOnlyUnpickler(fh, encoding="latin1").load()
-        except _RefusedGlobal as exc:
-            raise _refused(path, str(exc)) from None
-        except Exception as exc:  # any malformed byte stream: EOFError, UnpicklingError, ...
-            raise _unreadable(path, exc) from None
-    if isinstance(first, int) and first == _LEGACY_TORCH_MAGIC:
-        return _torch_load(path)
-    return first
 
 
 # --------------------------------------------------------------------------- detectron2 names
