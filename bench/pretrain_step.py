@@ -220,7 +220,7 @@ def startup_seconds() -> tuple[float, float]:
 def step_rows(
     device: torch.device, batch: int, reps: int, compiled: bool = False
 ) -> tuple[list[str], float]:
-    """The training loop's own step (Trainer.train_step: batched augmentation on the device,
+    """The training loop's own step (PirlTrainer.loss and update: batched augmentation on the device,
     trunk on 1 image + 9 patches, heads, NCE, backward, SGD, bank update; bf16 autocast and
     channels_last on a GPU) against a bare trunk forward + backward on the same views."""
     geo = JigsawGeometry()
@@ -250,11 +250,10 @@ def step_rows(
     trainer = make_trainer(cfg, IMAGENET, device)
     model = trainer.model
     run_model = torch.compile(model) if compiled else model
-    aug = BatchAugment(geo)
+    aug = trainer.augment = BatchAugment(geo)  # the paper's augmentation
     gen = torch.Generator().manual_seed(0)
     neg_gen = torch.Generator(device).manual_seed(1)
     idx = torch.arange(batch, device=device)
-    perm = torch.empty(0)
     images, patches = device_views(views, aug, device, gen, True)
 
     def trunk_sum(images: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
@@ -272,8 +271,9 @@ def step_rows(
         model.zero_grad(set_to_none=True)
 
     def full() -> None:
-        im, pa = device_views(views, aug, device, gen, True)
-        trainer.train_step(run_model, im, pa, idx, perm, neg_gen, 0.01, cuda)
+        loss, f = trainer.loss(run_model, views, idx, neg_gen, gen, cuda)
+        loss.item()  # the training loop's one host sync (its finite check)
+        trainer.update(loss, 0.01, idx, f)
 
     dim = model.trunk.out_dim
     pooled_i = torch.randn(batch, dim, device=device, requires_grad=True)

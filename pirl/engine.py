@@ -232,6 +232,35 @@ class RunDir:
     def path(self, name: str) -> Path:
         return self.root / name
 
+    def check(
+        self,
+        command: str,
+        config: Mapping[str, Any],
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        allow_change: Sequence[str] = (),
+    ) -> None:
+        """Refuse, before any work: an unwritable folder, another command's run, an existing run
+        without --resume or --overwrite, and a resume whose settings differ (except runtime keys
+        and allow_change), naming each changed key."""
+        self._writable()
+        saved_cmd = self._saved_command()
+        if saved_cmd not in (None, command):
+            raise UserError(
+                f"{self.root}: holds a `{saved_cmd}` run, not `{command}`; choose another --out"
+            )
+        ckpt = self.path("checkpoint.pth")
+        if resume:
+            if not ckpt.exists():
+                raise UserError(f"{ckpt}: nothing to resume (no checkpoint)")
+            self._check_resume(config, allow_change)
+        elif any(self.path(n).exists() for n in RUN_FILES) and not overwrite:
+            raise UserError(
+                f"{self.root}: a {command} run exists here; pass --resume to continue it, "
+                "--overwrite to replace it, or choose another --out"
+            )
+
     def start(
         self,
         command: str,
@@ -243,29 +272,12 @@ class RunDir:
         allow_change: Sequence[str] = (),
         record: Mapping[str, Any] | None = None,
     ) -> None:
-        """Claim the folder for `command` before any work: refuse another command's run, an
-        existing run without --resume or --overwrite, and a resume whose settings differ (except
-        runtime keys and allow_change); remove temp files of a killed write; on rank 0 write
-        config.json (what --config reads back) and run.json (environment, command line)."""
-        self._writable()
-        saved_cmd = self._saved_command()
-        if saved_cmd not in (None, command):
-            raise UserError(
-                f"{self.root}: holds a `{saved_cmd}` run, not `{command}`; choose another --out"
-            )
-        ckpt = self.path("checkpoint.pth")
-        exists = any(self.path(n).exists() for n in RUN_FILES)
-        if resume:
-            if not ckpt.exists():
-                raise UserError(f"{ckpt}: nothing to resume (no checkpoint)")
-            self._check_resume(config, allow_change)
-        elif exists and not overwrite:
-            raise UserError(
-                f"{self.root}: a {command} run exists here; pass --resume to continue it, "
-                "--overwrite to replace it, or choose another --out"
-            )
+        """Claim the folder for `command` (rank 0; the other ranks of a DDP run leave the folder
+        to it): check(), remove temp files of a killed write, and write config.json (what
+        --config reads back) and run.json (environment and command line of every invocation)."""
         if world()[0] != 0:
             return
+        self.check(command, config, resume=resume, overwrite=overwrite, allow_change=allow_change)
         for stale in self.root.glob(".*.tmp*"):  # a write killed before its rename
             stale.unlink(missing_ok=True)
         if overwrite and not resume:

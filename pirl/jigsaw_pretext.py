@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,8 +27,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from pirl.engine import param_groups
 from pirl.jigsaw import JigsawGeometry, PirlTransform, patch_boxes, random_offsets
-from pirl.trunk import Trunk
+from pirl.pretext import PretextTrainer
+from pirl.trunk import Trunk, build_trunk
 
 NUM_PERMUTATIONS = 1000
 
@@ -88,15 +92,15 @@ class JigsawHead(nn.Module):
 
 
 class JigsawModel(nn.Module):
-    """Shared trunk on each patch + JigsawHead; same call shape as PirlModel (image ignored)."""
+    """Shared trunk on each patch + JigsawHead."""
 
     def __init__(self, trunk: Trunk, heads: JigsawHead) -> None:
         super().__init__()
         self.trunk, self.heads = trunk, heads
 
-    def forward(self, images: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """(permutation logits (B, P), None): no image view and no embedding for a bank."""
-        return self.heads(self.trunk.pooled(patches.flatten(0, 1))), None
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, 9, 3, P, P) shuffled patches -> permutation logits (B, P)."""
+        return self.heads(self.trunk.pooled(patches.flatten(0, 1)))
 
 
 class JigsawLoss(nn.Module):
@@ -125,3 +129,48 @@ class JigsawTransform(PirlTransform):
         cells = [source.crop((x0, y0, x1, y1)) for y0, x0, y1, x1 in boxes]
         patches = torch.stack([self.augment(cells[int(k)]) for k in self.permutations[label]])
         return torch.empty(0, 1, 1), patches, label
+
+
+class JigsawTrainer(PretextTrainer):
+    """The Jigsaw-pretext recipe: workers cut and shuffle the patches by a drawn permutation
+    class (with PIRL's per-patch augmentation), the step classifies the class; no memory bank.
+    Trained by pirl/pretrain.py's loop with `--method jigsaw`."""
+
+    @classmethod
+    def build(cls, cfg: Any, device: torch.device) -> JigsawTrainer:
+        """Model, loss and SGD (weight decay on weights only) from the resolved config."""
+        torch.manual_seed(cfg.seed)
+        trunk = build_trunk(cfg.arch, cfg.width)
+        head = JigsawHead(trunk.out_dim, hamming_permutations(cfg.num_permutations))
+        model = JigsawModel(trunk, head).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, fused=True
+        )
+        return cls(cfg, model, JigsawLoss(), optimizer)
+
+    def transform(self) -> JigsawTransform:
+        """What the loader's workers make of each image."""
+        geometry = JigsawGeometry.for_image_size(self.cfg.image_size)
+        return JigsawTransform(geometry, hamming_permutations(self.cfg.num_permutations))
+
+    def chance_loss(self, data_size: int) -> float:
+        """log(classes): the loss of a classifier that cannot tell the permutations apart."""
+        return math.log(self.cfg.num_permutations)
+
+    def loss(
+        self,
+        model: nn.Module,
+        views: tuple[torch.Tensor, ...],
+        idx: torch.Tensor,
+        neg_gen: torch.Generator,
+        aug_gen: torch.Generator,
+        amp: bool,
+    ) -> tuple[torch.Tensor, None]:
+        """Cross-entropy of the permutation logits against the class the worker drew."""
+        device = idx.device
+        patches, perm = views[1].to(device, non_blocking=True), views[2].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(patches)
+        return self.criterion(logits.float(), perm), None

@@ -1,7 +1,9 @@
-"""PIRL / NPID++ pretraining: the whole recipe in one loop, with exact resume and DDP.
+"""PIRL / NPID++ pretraining, top to bottom: config, model, step, the epoch loop (which also
+trains the Jigsaw baseline of pirl/jigsaw_pretext.py), the kNN monitor and the summary.
 
 Run with `pirl-tools pretrain ...`, `pirl-tools pretrain --nproc K ...`, or
-`torchrun --nproc_per_node K -m pirl.pretrain ...` (same flags).
+`torchrun --nproc_per_node K -m pirl_tools pretrain ...` (same flags). The run folder, resume,
+DDP and the finite-loss stop are the engine's (pirl/engine.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import logging
 import math
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -29,33 +30,34 @@ from tqdm import tqdm
 from pirl.augment import PHOTOMETRIC_P, BatchAugment, CropTransform, PhotometricSpec
 from pirl.data import (
     ImageDataset,
-    ImageList,
     cache_dir,
     collate_skipping,
     embedded_root,
     list_images,
 )
-from pirl.engine import RunDir, atomic_torch_save, seed_everything, setup_distributed
+from pirl.engine import (
+    RunDir,
+    epoch_loader,
+    epoch_seed,
+    param_groups,
+    resolve_device,
+    seed_everything,
+    setup_distributed,
+    wrap_ddp,
+)
 from pirl.errors import UserError
 from pirl.heads import PirlHeads
 from pirl.jigsaw import JigsawGeometry, PirlTransform
-from pirl.jigsaw_pretext import (
-    JigsawHead,
-    JigsawLoss,
-    JigsawModel,
-    JigsawTransform,
-    hamming_permutations,
-)
+from pirl.jigsaw_pretext import JigsawTrainer
 from pirl.knn import trunk_knn
 from pirl.memory import BANK_DTYPES, MemoryBank
 from pirl.nce import EPS, PirlLoss
 from pirl.plots import plot_learning_curve
+from pirl.pretext import CHECKPOINT_VERSION, PretextTrainer
 from pirl.trunk import Trunk, build_trunk
-from pirl.weights import read_checkpoint
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 2  # 2: one shared NCE normaliser (nce: criterion.log_z)
 # lambda of the PIRL loss; npid is NPID++; jigsaw, the Jigsaw-pretext baseline, uses the
 # patches only and classifies their permutation (pirl/jigsaw_pretext.py) instead of contrasting.
 METHODS = {"pirl": 0.5, "npid": 0.0, "jigsaw": 1.0}
@@ -134,6 +136,8 @@ class PretrainConfig:
     bank_dtype: str = "float32"
     skip_bad_images: bool = False
     resume: bool = False
+    overwrite: bool = False  # replace an existing run in `out`
+    allow_change: tuple[str, ...] = ()  # settings a --resume may change (e.g. epochs)
     # kNN monitor: every eval_every epochs (0: never), top-1 of the trunk on val_data/val with
     # val_data/train as the labelled neighbours (the embedded set's split by default).
     eval_every: int | None = None
@@ -166,6 +170,12 @@ class PretrainConfig:
             raise UserError(f"--lr-interval {cfg.lr_interval}: choose from {list(LR_INTERVALS)}")
         if cfg.bank_dtype not in BANK_DTYPES:
             raise UserError(f"--bank-dtype {cfg.bank_dtype}: choose from {list(BANK_DTYPES)}")
+        for key in ("epochs", "batch_size", "num_negatives", "image_size", "embed_dim"):
+            if getattr(cfg, key) < 1:
+                flag = key.replace("_", "-")
+                raise UserError(f"--{flag} {getattr(cfg, key)}: must be at least 1")
+        if cfg.lr <= 0 or cfg.num_workers < 0 or (cfg.eval_every or 0) < 0:
+            raise UserError("--lr must be positive, --num-workers and --eval-every not negative")
         return cfg
 
 
@@ -190,23 +200,6 @@ class PirlModel(nn.Module):
         return self.heads.f(self.trunk.pooled(images)), g
 
 
-def param_groups(
-    model: nn.Module, weight_decay: float, decay_bias: bool = False
-) -> list[dict[str, Any]]:
-    """Weight decay on conv and linear weights, and on linear biases when decay_bias (VISSL's
-    regularize_bias: its NPID++ config sets it, its PIRL config does not); never on BN."""
-    norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-    bn = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters()}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        wanted = p.ndim > 1 or (decay_bias and id(p) not in bn)
-        (decay if wanted else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
 def cosine_lr(done: float, base: float, final_ratio: float) -> float:
     """Cosine from base (done = 0) to base * final_ratio (done = 1), done being the fraction
     of the run behind us: epoch / epochs as VISSL updates it, or step / steps per step."""
@@ -214,124 +207,91 @@ def cosine_lr(done: float, base: float, final_ratio: float) -> float:
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(done, 1.0)))
 
 
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """The seed of one epoch on one rank: what makes a resumed epoch repeat exactly."""
-    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % 2**63
+class PirlTrainer(PretextTrainer):
+    """PIRL / NPID++: the memory bank of image embeddings and the NCE (or InfoNCE) loss against
+    its negatives; the image view's embedding f(v_I) and, for PIRL, the patches' g(v_I^t)."""
 
+    memory: MemoryBank
+    augment: BatchAugment | None
 
-@dataclass
-class Trainer:
-    """Everything a run holds, so checkpoint and resume see one object."""
+    @classmethod
+    def build(cls, cfg: PretrainConfig, data_size: int, device: torch.device) -> PirlTrainer:
+        """Model, bank, loss and SGD from the resolved config."""
+        torch.manual_seed(cfg.seed)
+        trunk = build_trunk(cfg.arch, cfg.width)
+        model = PirlModel(trunk, PirlHeads(trunk.out_dim, cfg.embed_dim)).to(device)
+        dtype = BANK_DTYPES[cfg.bank_dtype]
+        memory = MemoryBank(data_size, cfg.embed_dim, cfg.bank_momentum, cfg.seed, dtype).to(device)
+        criterion = PirlLoss(
+            memory,
+            cfg.num_negatives,
+            cfg.temperature,
+            cfg.lam,
+            cfg.loss,
+            cfg.z_momentum,
+            cfg.shared_negatives,
+        ).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(  # fused: one pass over the weights (CPU 40 -> 15 ms, R50)
+            param_groups(model, cfg.weight_decay, decay_bias=cfg.method == "npid"),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            fused=True,
+        )
+        trainer = cls(cfg, model, criterion, optimizer)
+        trainer.memory = memory
+        trainer.augment = None
+        if cfg.augment == "batched":
+            spec = PhotometricSpec(hue=cfg.hue, photometric=cfg.photometric)
+            trainer.augment = BatchAugment(JigsawGeometry.for_image_size(cfg.image_size), spec)
+        return trainer
 
-    cfg: PretrainConfig
-    model: PirlModel | JigsawModel
-    memory: MemoryBank | None
-    criterion: PirlLoss | JigsawLoss
-    optimizer: torch.optim.Optimizer
-    epoch: int = 0
-    step: int = 0
+    def memory_state(self) -> dict[str, Any]:
+        return {"bank": self.memory.bank, "momentum": self.memory.momentum}
 
-    def state(self) -> dict[str, Any]:
-        """The native checkpoint (README: the checkpoint)."""
-        return {
-            "trunk": self.model.trunk.state_dict(),
-            "heads": self.model.heads.state_dict(),
-            "memory": None
-            if self.memory is None
-            else {"bank": self.memory.bank, "momentum": self.memory.momentum},
-            "nce": {k: v for k, v in self.criterion.state_dict().items() if "log_z" in k},
-            "optimizer": self.optimizer.state_dict(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "rng": {"torch": torch.get_rng_state()},
-            "config": dataclasses.asdict(self.cfg),
-            "version": CHECKPOINT_VERSION,
-        }
+    def load_memory(self, state: dict[str, Any] | None) -> None:
+        self.memory.bank.copy_(state["bank"])
 
-    def load(self, ckpt: dict[str, Any], path: Path) -> None:
-        """Restore from a native checkpoint; shapes must match the configured model."""
-        try:
-            self.model.trunk.load_state_dict(ckpt["trunk"])
-            self.model.heads.load_state_dict(ckpt["heads"])
-            if self.memory is not None:
-                self.memory.bank.copy_(ckpt["memory"]["bank"])
-            missing = self.criterion.load_state_dict(ckpt["nce"], strict=False).missing_keys
-            if any("log_z" in k for k in missing):
-                raise KeyError(f"nce: no {missing[0]} (written before Z was shared)")
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise UserError(f"{path}: cannot resume from this checkpoint ({first})") from None
-        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+    def remember(self, idx: torch.Tensor, embedding: torch.Tensor) -> None:
+        self.memory.update(idx, embedding)
 
-    def train_step(
+    def transform(self) -> CropTransform | PirlTransform:
+        """What the loader's workers make of each image: only the crops (batched augmentation
+        on the device), or the whole per-image PIL pipeline."""
+        cfg = self.cfg
+        geometry = JigsawGeometry.for_image_size(cfg.image_size)
+        if cfg.augment == "pil":
+            return PirlTransform(geometry, cfg.lam > 0, cfg.crop_scale, cfg.hue, cfg.photometric)
+        return CropTransform(geometry, cfg.lam > 0, cfg.crop_scale)
+
+    def chance_loss(self, data_size: int) -> float:
+        """The loss of a model that cannot tell the positive from the negatives (all scores
+        equal): log(1 + N) for InfoNCE; for NCE, with Z = |D| exp(s) so that P = 1 / |D|,
+        c = N / |D| and VISSL's eps, log(1 + N + eps |D|) + N log((1 + N + eps |D|) / N)."""
+        n = self.cfg.num_negatives
+        if self.cfg.loss == "infonce":
+            return math.log1p(n)
+        total = 1 + n + EPS * data_size
+        return math.log(total) + n * math.log(total / n)
+
+    def loss(
         self,
         model: nn.Module,
-        images: torch.Tensor,
-        patches: torch.Tensor | None,
+        views: tuple[torch.Tensor, ...],
         idx: torch.Tensor,
-        perm: torch.Tensor,
         neg_gen: torch.Generator,
-        lr: float,
+        aug_gen: torch.Generator,
         amp: bool,
-    ) -> float:
-        """One optimisation step on device views (also what bench/pretrain_step.py times);
-        model is self.model or its DDP wrapper. Returns the loss; a non-finite loss stops the
-        run before any update, so the last checkpoint stays good."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's loss on the batch (model: self.model or its DDP wrapper), and the image
+        embeddings the bank takes after the update."""
+        images, patches = device_views(views, self.augment, idx.device, aug_gen, self.cfg.lam > 0)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
             f, g = model(images, patches)
-        if self.cfg.method == "jigsaw":  # f: permutation logits; perm: the class index drawn
-            loss = self.criterion(f.float(), perm.to(f.device))
-        else:
-            loss = self.criterion(f.float(), None if g is None else g.float(), idx, neg_gen)
-        value = loss.item()  # the step's one host sync: NaN check and logging
-        if not math.isfinite(value):
-            raise UserError(
-                f"{self.cfg.out}: loss became {value} at epoch {self.epoch + 1}, step "
-                f"{self.step}; stopped, last good checkpoint kept at "
-                f"{Path(self.cfg.out) / 'checkpoint.pth'}"
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        if self.memory is not None:
-            self.memory.update(idx, f.detach().float())
-        return value
-
-
-def build_loader(
-    cfg: PretrainConfig, images: ImageList, epoch: int, rank: int, world: int, with_patches: bool
-) -> torch.utils.data.DataLoader:
-    """The epoch's loader; its shuffling and augmentation seeds depend on (seed, epoch) only."""
-    geometry = JigsawGeometry.for_image_size(cfg.image_size)
-    if cfg.method == "jigsaw":
-        transform = JigsawTransform(geometry, hamming_permutations(cfg.num_permutations))
-    elif cfg.augment == "pil":
-        transform = PirlTransform(geometry, with_patches, cfg.crop_scale, cfg.hue, cfg.photometric)
-    else:
-        transform = CropTransform(geometry, with_patches, cfg.crop_scale)
-    dataset = ImageDataset(images, transform, skip_bad=cfg.skip_bad_images)
-    per_rank = max(1, cfg.batch_size // world)
-    gen = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, rank))
-    sampler = None
-    if world > 1:
-        sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
-        )
-        sampler.set_epoch(epoch)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=per_rank,
-        shuffle=sampler is None,
-        sampler=sampler,
-        generator=gen,
-        num_workers=cfg.num_workers,
-        collate_fn=collate_skipping,
-        drop_last=len(dataset) > per_rank * world,
-        pin_memory=torch.cuda.is_available(),
-    )
+        f = f.float()
+        loss = self.criterion(f, None if g is None else g.float(), idx, neg_gen)
+        return loss, f.detach()
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
@@ -386,17 +346,6 @@ def prefetched(loader: Iterable[Any], device: torch.device) -> Iterator[Any]:
         yield arrived(pending)
 
 
-def preflight(cfg: PretrainConfig) -> ImageList:
-    """Check data and run folder before any work (and before spawning workers)."""
-    images = list_images(cfg.data)
-    ckpt_path = Path(cfg.out) / "checkpoint.pth"
-    if cfg.resume and not ckpt_path.exists():
-        raise UserError(f"{ckpt_path}: nothing to resume (no checkpoint)")
-    if not cfg.resume and ckpt_path.exists():
-        raise UserError(f"{ckpt_path}: a run exists here; pass --resume or choose another --out")
-    return images
-
-
 def device_views(
     views: tuple[torch.Tensor, ...],
     augment: BatchAugment | None,
@@ -414,20 +363,6 @@ def device_views(
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     return images, patches
-
-
-def chance_loss(cfg: PretrainConfig, data_size: int) -> float:
-    """The loss of a model that cannot tell the positive from the negatives (all scores equal):
-    log(1 + N) for InfoNCE; for NCE, with Z = |D| exp(s) so that P = 1 / |D|, c = N / |D| and
-    VISSL's eps, log(1 + N + eps |D|) + N log((1 + N + eps |D|) / N); log(classes) for the
-    Jigsaw pretext."""
-    if cfg.method == "jigsaw":
-        return math.log(cfg.num_permutations)
-    n = cfg.num_negatives
-    if cfg.loss == "infonce":
-        return math.log1p(n)
-    total = 1 + n + EPS * data_size
-    return math.log(total) + n * math.log(total / n)
 
 
 class KnnMonitor:
@@ -457,46 +392,31 @@ class KnnMonitor:
         return 100 * acc[KNN_K]
 
 
-def make_trainer(cfg: PretrainConfig, data_size: int, device: torch.device) -> Trainer:
-    """Build model, bank, loss and optimizer from the resolved config."""
-    torch.manual_seed(cfg.seed)
-    trunk = build_trunk(cfg.arch, cfg.width)
-    if cfg.method == "jigsaw":  # the baseline: no bank, a permutation classifier
-        heads = JigsawHead(trunk.out_dim, hamming_permutations(cfg.num_permutations))
-        model: PirlModel | JigsawModel = JigsawModel(trunk, heads).to(device)
-        memory, criterion = None, JigsawLoss()
-    else:
-        model = PirlModel(trunk, PirlHeads(trunk.out_dim, cfg.embed_dim)).to(device)
-        dtype = BANK_DTYPES[cfg.bank_dtype]
-        memory = MemoryBank(data_size, cfg.embed_dim, cfg.bank_momentum, cfg.seed, dtype).to(device)
-        criterion = PirlLoss(
-            memory,
-            cfg.num_negatives,
-            cfg.temperature,
-            cfg.lam,
-            cfg.loss,
-            cfg.z_momentum,
-            cfg.shared_negatives,
-        ).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(  # fused: one pass over the weights (CPU 40 -> 15 ms, R50)
-        param_groups(model, cfg.weight_decay, decay_bias=cfg.method == "npid"),
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        fused=True,
-    )
-    return Trainer(cfg, model, memory, criterion, optimizer)
+def make_trainer(
+    cfg: PretrainConfig, data_size: int, device: torch.device
+) -> PirlTrainer | JigsawTrainer:
+    """The method's trainer (PIRL / NPID++ here, the Jigsaw baseline its own) from the
+    resolved config."""
+    if cfg.method == "jigsaw":
+        return JigsawTrainer.build(cfg, device)
+    return PirlTrainer.build(cfg, data_size, device)
 
 
-def pretrain(cfg: PretrainConfig) -> Trainer:
+def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
     """Run (or resume) pretraining; rank 0 writes checkpoint.pth and metrics.csv each epoch."""
-    rank, world, device = setup_distributed(cfg.device)
+    rank, world_size, device = setup_distributed(cfg.device)
     cfg = cfg.resolved()
-    images = preflight(cfg)
+    images = list_images(cfg.data)
     run = RunDir(cfg.out)
-    ckpt_path = run.path("checkpoint.pth")
-    if cfg.num_negatives > len(images) and rank == 0:
+    run.start(
+        "pretrain",
+        dataclasses.asdict(cfg),
+        device,
+        resume=cfg.resume,
+        overwrite=cfg.overwrite,
+        allow_change=cfg.allow_change,
+    )
+    if cfg.num_negatives > len(images) and rank == 0 and cfg.method != "jigsaw":
         log.warning(
             "%d negatives from %d images: each is drawn about %.0f times per sample",
             cfg.num_negatives,
@@ -506,27 +426,17 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
     trainer = make_trainer(cfg, len(images), device)
     monitor = KnnMonitor(cfg, device) if cfg.eval_every and rank == 0 else None
     if cfg.resume:
-        trainer.load(read_checkpoint(ckpt_path), ckpt_path)
+        trainer.load(run.load_checkpoint(), run.path("checkpoint.pth"))
         if rank == 0:
-            log.info("resuming %s at epoch %d (step %d)", ckpt_path, trainer.epoch, trainer.step)
-    if rank == 0:
-        run.write_config(dataclasses.asdict(cfg))
-    with_patches = cfg.lam > 0
-    model: nn.Module = trainer.model
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            trainer.model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+            log.info("resuming %s at epoch %d (step %d)", cfg.out, trainer.epoch, trainer.step)
+    model = wrap_ddp(trainer.model, device)
     if cfg.compile:
         model = torch.compile(model)
-    steps_per_epoch = len(build_loader(cfg, images, 0, rank, world, with_patches))
-    total = steps_per_epoch * cfg.epochs
+    dataset = ImageDataset(images, trainer.transform(), skip_bad=cfg.skip_bad_images)
+    loader_args = (cfg.batch_size, cfg.seed)
+    total = len(epoch_loader(dataset, *loader_args, 0, 0)) * cfg.epochs
     amp = cfg.amp and device.type == "cuda"
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: drop_last batches
-    augment = None
-    if cfg.augment == "batched" and cfg.method != "jigsaw":
-        spec = PhotometricSpec(hue=cfg.hue, photometric=cfg.photometric)
-        augment = BatchAugment(JigsawGeometry.for_image_size(cfg.image_size), spec)
     trained = trainer.epoch < cfg.epochs
     while trainer.epoch < cfg.epochs:
         epoch = trainer.epoch
@@ -535,7 +445,7 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
         # Each rank draws its own, as VISSL's per-rank seeds do.
         neg_gen = torch.Generator(device).manual_seed(epoch_seed(cfg.seed + 1, epoch, rank))
         aug_gen = torch.Generator().manual_seed(epoch_seed(cfg.seed + 2, epoch, rank))
-        loader = build_loader(cfg, images, epoch, rank, world, with_patches)
+        loader = epoch_loader(dataset, *loader_args, epoch, cfg.num_workers, collate_skipping)
         model.train()
         seen, skipped, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
         bar = tqdm(
@@ -550,22 +460,22 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
             if batch is None:
                 continue
             views, _labels, idx = batch
-            perm_b = views[-1]  # jigsaw: the permutation class its transform drew
-            images_b, patches_b = device_views(views, augment, device, aug_gen, with_patches)
+            idx = idx.to(device)
             done = epoch / cfg.epochs if cfg.lr_interval == "epoch" else trainer.step / total
             lr = cosine_lr(done, cfg.lr, cfg.final_lr_ratio)
-            value = trainer.train_step(
-                model, images_b, patches_b, idx.to(device), perm_b, neg_gen, lr, amp
-            )
+            loss, embedding = trainer.loss(model, views, idx, neg_gen, aug_gen, amp)
+            value = loss.item()  # the step's one host sync: finite check and logging
+            run.check_finite(value, f"epoch {epoch + 1}, step {trainer.step}")
+            trainer.update(loss, lr, idx, embedding)
             trainer.step += 1
             seen += len(idx)
             loss_sum += value * len(idx)
-            rate = seen * world / (time.perf_counter() - t0)
+            rate = seen * world_size / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.0f}")
         trainer.epoch += 1
         seconds = time.perf_counter() - t0
         if rank == 0:
-            atomic_torch_save(trainer.state(), ckpt_path)
+            run.save_checkpoint(trainer.state())
             knn = None
             if monitor is not None and (
                 trainer.epoch % cfg.eval_every == 0 or trainer.epoch == cfg.epochs
@@ -576,7 +486,7 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
                 "step": trainer.step,
                 "loss": loss_sum / max(seen, 1),
                 "lr": lr,
-                "images_per_s": seen * world / seconds,
+                "images_per_s": seen * world_size / seconds,
                 "seconds": round(seconds, 2),
                 "skipped_images": skipped,
                 "knn_top1": knn,
@@ -592,12 +502,12 @@ def pretrain(cfg: PretrainConfig) -> Trainer:
                 f" ({skipped} unreadable images skipped)" if skipped else "",
             )
     if rank == 0 and (trained or not run.path("results.json").exists()):
-        summarize(cfg, run, monitor, trainer.model.trunk, len(images))
+        summarize(cfg, run, monitor, trainer.model.trunk, trainer.chance_loss(len(images)))
     return trainer
 
 
 def summarize(
-    cfg: PretrainConfig, run: RunDir, monitor: KnnMonitor | None, trunk: Trunk, data_size: int
+    cfg: PretrainConfig, run: RunDir, monitor: KnnMonitor | None, trunk: Trunk, chance: float
 ) -> dict[str, Any]:
     """results.json and learning_curve.png: the final loss against chance and, when monitored,
     the trunk's kNN top-1 against the same architecture untrained (the run's own seed)."""
@@ -605,7 +515,7 @@ def summarize(
     results: dict[str, Any] = {
         "epochs": cfg.epochs,
         "final_loss": float(rows[-1]["loss"]),
-        "chance_loss": chance_loss(cfg, data_size),
+        "chance_loss": chance,
     }
     if monitor is not None:
         last = rows[-1].get("knn_top1")
@@ -646,6 +556,7 @@ def embedded_checkpoint(
         device=device,
         num_workers=num_workers,
         resume=ckpt.exists(),
+        overwrite=not ckpt.exists(),  # a run killed before its first checkpoint
         **overrides,
     )
     pretrain(cfg)
@@ -675,12 +586,16 @@ def _spawned(rank: int, world: int, port: int, cfg: PretrainConfig) -> None:
 
 
 def pretrain_multiprocess(cfg: PretrainConfig, nproc: int) -> None:
-    """Spawn `nproc` local DDP workers (gloo on CPU, nccl on GPU)."""
-    preflight(cfg.resolved())
+    """Spawn `nproc` local DDP workers (gloo on CPU, nccl on GPU), after the checks that need
+    no workers: data, device, run folder."""
+    resolved = cfg.resolved()
+    list_images(resolved.data)
+    resolve_device(resolved.device)
+    RunDir(resolved.out).check(
+        "pretrain",
+        dataclasses.asdict(resolved),
+        resume=resolved.resume,
+        overwrite=resolved.overwrite,
+        allow_change=resolved.allow_change,
+    )
     torch.multiprocessing.spawn(_spawned, args=(nproc, free_port(), cfg), nprocs=nproc)
-
-
-if __name__ == "__main__":
-    from pirl.cli import main
-
-    main(["pretrain", *sys.argv[1:]])

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ import torch
 
 import pirl.pretrain as train
 from pirl.errors import UserError
-from pirl.pretrain import PretrainConfig, pretrain, read_checkpoint
+from pirl.pretrain import PretrainConfig, pretrain
+from pirl.safe_load import read_checkpoint
 
 TINY = dict(arch="resnet18", width=0.125, image_size=32, batch_size=16, num_negatives=64)
 
@@ -72,7 +74,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(
     saved = (out / "checkpoint.pth").read_bytes()
     monkeypatch.setattr(train.PirlLoss, "forward", lambda *a, **k: torch.tensor(float("nan")))
     with pytest.raises(UserError, match=r"loss became nan at epoch 2.*last good checkpoint"):
-        pretrain(tiny_config(tiny_folder, out, epochs=2, resume=True))
+        pretrain(tiny_config(tiny_folder, out, epochs=2, resume=True, allow_change=("epochs",)))
     assert (out / "checkpoint.pth").read_bytes() == saved
 
 
@@ -102,7 +104,7 @@ def test_truncated_checkpoint_is_a_clear_error(tiny_folder: Path, tmp_path: Path
     ckpt = out / "checkpoint.pth"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(UserError, match=r"checkpoint\.pth: unreadable, truncated"):
-        pretrain(tiny_config(tiny_folder, out, epochs=2, resume=True))
+        pretrain(tiny_config(tiny_folder, out, epochs=2, resume=True, allow_change=("epochs",)))
 
 
 def test_existing_run_needs_resume(tiny_folder: Path, tmp_path: Path) -> None:
@@ -316,13 +318,15 @@ def retrieval_after_training(shuffle_pairs: bool, steps: int = 100) -> tuple[flo
         data="unused", **{**TINY, "num_negatives": 31}, loss="infonce", lr=0.06
     ).resolved()
     trainer = train.make_trainer(cfg, 32, torch.device("cpu"))
+    trainer.augment = None  # the views below come augmented
     gen, neg_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     for _ in range(steps):
         idx = torch.randperm(32, generator=gen)[:16]
         x, patches, _ = augment(views[idx], sources[idx], gen)
         if shuffle_pairs:
             patches = patches[torch.randperm(16, generator=gen)]
-        trainer.train_step(trainer.model, x, patches, idx, idx, neg_gen, cfg.lr, amp=False)
+        loss, f = trainer.loss(trainer.model, (x, patches), idx, neg_gen, gen, amp=False)
+        trainer.update(loss, cfg.lr, idx, f)
     idx = torch.arange(32)
     x, patches, _ = augment(views, sources, gen)
     with torch.no_grad():  # batch statistics, as in training: the running ones mix the patch
@@ -358,9 +362,48 @@ def test_embedded_recipe_softens_the_augmentation_and_the_paper_keeps_vissls(
         train.PretrainConfig(**TINY).resolved(), data=str(tiny_folder), num_workers=0
     )
     assert (small.crop_scale, small.hue, small.photometric) == (0.5, 0.0, 0.0)
-    images = list_images(tiny_folder)
-    batched = train.build_loader(small, images, 0, 0, 1, True).dataset.transform
+    n = len(list_images(tiny_folder))
+    batched = train.make_trainer(small, n, torch.device("cpu")).transform()
     assert batched.image_crop.scale == (0.5, 1.0)
     pil = dataclasses.replace(small, augment="pil")
-    ops = train.build_loader(pil, images, 0, 0, 1, True).dataset.transform.augment.transforms
+    ops = train.make_trainer(pil, n, torch.device("cpu")).transform().augment.transforms
     assert ops[0].hue is None and ops[1].p == 0.0  # torchvision: hue 0 is no hue jitter
+
+
+def test_resume_with_changed_settings_names_each_and_allow_change_lets_one_through(
+    tiny_folder: Path, tmp_path: Path
+) -> None:
+    """The record must describe every epoch trained: a resume may change only what it names."""
+    out = tmp_path / "run"
+    pretrain(tiny_config(tiny_folder, out, epochs=1))
+    changed = tiny_config(tiny_folder, out, epochs=2, resume=True, seed=5, batch_size=8, lr=0.5)
+    with pytest.raises(UserError, match=r"changed settings \(batch_size 16 -> 8, epochs 1 -> 2, "):
+        pretrain(changed)
+    assert json.loads((out / "config.json").read_text())["seed"] == 0  # record untouched
+    with pytest.raises(UserError, match=r"\(lr 0\.001875 -> 0\.5, seed 0 -> 5\)"):
+        pretrain(dataclasses.replace(changed, allow_change=("epochs", "batch_size")))
+    trainer = pretrain(
+        tiny_config(tiny_folder, out, epochs=2, resume=True, allow_change=("epochs",))
+    )
+    assert trainer.epoch == 2
+    record = json.loads((out / "run.json").read_text())
+    assert record["command"] == "pretrain" and len(record["invocations"]) == 2
+    assert record["invocations"][0]["versions"]["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"epochs": 0}, "--epochs 0: must be at least 1"),
+        ({"epochs": -3}, "--epochs -3: must be at least 1"),
+        ({"batch_size": 0}, "--batch-size 0: must be at least 1"),
+        ({"device": "cuda:7" if torch.cuda.is_available() else "cuda"}, "CUDA device"),
+        ({"device": "tpu"}, "--device tpu: unknown"),
+    ],
+)
+def test_run_level_mistakes_stop_before_any_work(
+    tiny_folder: Path, tmp_path: Path, setting: dict, message: str
+) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        pretrain(tiny_config(tiny_folder, tmp_path / "run", **setting))
+    assert not (tmp_path / "run").exists()
