@@ -220,8 +220,8 @@ def startup_seconds() -> tuple[float, float]:
 def step_rows(
     device: torch.device, batch: int, reps: int, compiled: bool = False
 ) -> tuple[list[str], float]:
-    """The training loop's own step (PirlTrainer.loss and update: batched augmentation on the device,
-    trunk on 1 image + 9 patches, heads, NCE, backward, SGD, bank update; bf16 autocast and
+    """The training loop's own step (PirlTrainer.loss and .update: batched augmentation on the
+    device, trunk on 1 image + 9 patches, heads, NCE, backward, SGD, bank update; bf16 autocast and
     channels_last on a GPU) against a bare trunk forward + backward on the same views."""
     geo = JigsawGeometry()
     crop = CropTransform(geo)
