@@ -145,11 +145,11 @@ def invariance(
     results, rows = {}, []
     for name, spec in specs:
         encoder = load_encoder(spec, seed=seed)
-        layers = encoder_invariance(encoder, spec, images, size, seed, rt)
+        layers = encoder_invariance(encoder, images, size, seed, rt)
         knn = {}
         if labelled:
             knn = encoder_knn(
-                encoder, spec, train, test, STAGES, size, KS, device, batch_size, num_workers
+                encoder, train, test, STAGES, size, KS, device, batch_size, num_workers
             )
         results[name] = layers
         rows += _rows(name, layers, knn)

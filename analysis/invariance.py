@@ -22,23 +22,14 @@ Representations compared:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from pirl.data import ImageDataset, ImageList, load_image
-from pirl.features import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    FeatureExtractor,
-    cache_key,
-    dataset_fingerprint,
-    resize_transform,
-    weights_fingerprint,
-)
+from pirl.data import ImageList, load_image
+from pirl.features import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, resize_transform
 from pirl.jigsaw import JigsawGeometry, cut_patches
 from pirl.knn import self_match_rate
 from pirl.weights import Encoder
@@ -162,28 +153,18 @@ class Runtime:
 
 def _extract(
     encoder: Encoder,
-    spec: str,
     layer: str,
     grid: int,
-    dataset: torch.utils.data.Dataset,
+    images: ImageList,
     view: object,
-    paths: list[Path],
     rt: Runtime,
 ) -> torch.Tensor:
-    """Grid-pooled float32 features through the shared extractor and its cache (`view` is what
-    makes the inputs: a transform or the patch data set, named by its repr)."""
-    ext = FeatureExtractor(encoder.trunk, layer, device=rt.device, grid=grid)
-    key = cache_key(
-        weights_fingerprint(spec),
-        layer,
-        dataset_fingerprint(paths),
-        view,
-        grid=grid,
-        dtype="float32",
-    )
+    """Grid-pooled float32 features through the shared extractor and its cache (`view` makes
+    the inputs from `images`: a transform, or the patch data set)."""
+    ext = FeatureExtractor.for_encoder(encoder, layer, device=rt.device, grid=grid)
     feats = ext.extract(
-        dataset,
-        key=key,
+        images,
+        view,
         batch_size=rt.batch_size,
         num_workers=rt.num_workers,
         dtype="float32",
@@ -194,7 +175,6 @@ def _extract(
 
 def encoder_invariance(
     encoder: Encoder,
-    spec: str,
     images: ImageList,
     image_size: int = 224,
     seed: int = 0,
@@ -204,19 +184,18 @@ def encoder_invariance(
     rt = rt or Runtime()
     geometry = JigsawGeometry.for_image_size(image_size)
     transform = resize_transform(image_size)
-    image_ds = ImageDataset(images, transform)
     patch_ds = JigsawPatches(images, geometry, seed)
     perms = torch.stack([patch_ds.permutation(i) for i in range(len(images))])
     n, out = len(images), []
     slot_res5 = None
     for stage in STAGES:
-        whole = _extract(encoder, spec, stage, 3, image_ds, transform, images.paths, rt)
-        slots = _extract(encoder, spec, stage, 1, patch_ds, patch_ds, images.paths, rt)
+        whole = _extract(encoder, stage, 3, images, transform, rt)
+        slots = _extract(encoder, stage, 1, images, patch_ds, rt)
         slots = slots.reshape(n, geometry.num_patches, -1)
         out.append(invariance_distances(whole, to_cell_order(slots, perms), stage))
         slot_res5 = slots
     if encoder.heads is not None and slot_res5 is not None:
-        pooled = _extract(encoder, spec, "res5", 1, image_ds, transform, images.paths, rt)
+        pooled = _extract(encoder, "res5", 1, images, transform, rt)
         with torch.no_grad():
             f = encoder.heads.f(pooled)
             g = encoder.heads.g(slot_res5.flatten(0, 1))

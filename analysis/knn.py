@@ -1,18 +1,16 @@
-"""kNN accuracy per layer of a loaded encoder, on features cached under its weights' key."""
+"""kNN accuracy per layer of a loaded encoder, on the shared extractor's cached features."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from pirl.data import ImageList
-from pirl.features import cache_key, center_crop_transform, dataset_fingerprint, weights_fingerprint
 from pirl.knn import KS, trunk_knn
 from pirl.weights import Encoder
 
 
 def encoder_knn(
     encoder: Encoder,
-    spec: str,
     train: ImageList,
     test: ImageList | None,
     layers: Sequence[str],
@@ -25,14 +23,6 @@ def encoder_knn(
 ) -> dict[str, dict[int, float]]:
     """kNN accuracy per layer on the shared extractor's benchmark-pooled, cached features
     (test input: Resize + CenterCrop); `test=None` is leave-one-out on `train`."""
-    transform = center_crop_transform(image_size)
-
-    def key(layer: str, split: ImageList | None) -> str | None:
-        if split is None:
-            return None
-        fingerprint = dataset_fingerprint(split.paths)
-        return cache_key(weights_fingerprint(spec), layer, fingerprint, transform, dtype="float16")
-
     return {
         layer: trunk_knn(
             encoder.trunk,
@@ -44,7 +34,7 @@ def encoder_knn(
             device,
             batch_size,
             num_workers,
-            cache_keys=(key(layer, train), key(layer, test)),
+            identity=encoder.fingerprint,
             progress=progress,
         )
         for layer in layers

@@ -1,7 +1,8 @@
 """Frozen-trunk features: any stage, the benchmarks' pooling, sharded batch inference, disk cache.
 
 Every evaluation (SVM and linear probes, kNN, invariance) goes through `FeatureExtractor`, so
-that one layer name means the same vector everywhere.
+that one layer name means the same vector everywhere, and the extractor alone keys the disk
+cache, so whether two evaluations share features never depends on which one asks.
 
 Pooling (VISSL's VOC07/linear benchmark for ResNet-50 at 224, about 9k dims per layer):
 conv1 avgpool k10 s10 p4 (112 -> 12x12), res2 k16 s8 (56 -> 6x6), res3 k13 s5 (28 -> 4x4),
@@ -15,9 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,10 +26,13 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from pirl.data import cache_dir
+from pirl.data import ImageDataset, ImageList, cache_dir
 from pirl.engine import resolve_device
 from pirl.engine import world as dist_world
 from pirl.trunk import Trunk
+
+if TYPE_CHECKING:
+    from pirl.weights import Encoder
 
 LAYERS = ("conv1", "res2", "res3", "res4", "res5", "res5avg")
 # (kernel, stride, padding) of the published pooling, the stage map size it was designed for
@@ -108,17 +112,8 @@ def center_crop_transform(size: int = 224) -> T.Compose:
     )
 
 
-def weights_fingerprint(spec: str | Path) -> str:
-    """Identify weights cheaply (path, mtime, size) so a changed file never hits a stale cache."""
-    path = Path(spec)
-    if path.is_file():
-        st = path.stat()
-        return f"{path.resolve()}:{st.st_mtime_ns}:{st.st_size}"
-    return str(spec)
-
-
-def dataset_fingerprint(paths: Sequence[str | Path]) -> str:
-    """Identify a data set by its ordered file list (row i of the features is file i)."""
+def _paths_fingerprint(paths: Sequence[str | Path]) -> str:
+    """A data set named by its ordered file list (row i of the features is file i)."""
     h = hashlib.sha256()
     for p in paths:
         h.update(str(Path(p).resolve()).encode())
@@ -126,15 +121,13 @@ def dataset_fingerprint(paths: Sequence[str | Path]) -> str:
     return f"{len(paths)}:{h.hexdigest()[:16]}"
 
 
-def cache_key(weights: str, layer: str, dataset: str, transform: Any, **extra: Any) -> str:
-    """One key per (weights, layer, data set, transform): what decides every feature value."""
-    parts = {"weights": weights, "layer": layer, "dataset": dataset, "transform": repr(transform)}
-    parts.update({k: str(v) for k, v in extra.items()})
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
-
-
 class FeatureExtractor:
-    """A frozen trunk plus the benchmark pooling of one layer; batches go in, vectors come out."""
+    """A frozen trunk plus the benchmark pooling of one layer; batches go in, vectors come out.
+
+    Built from an `Encoder` (`for_encoder`), it caches features on disk under a key it makes
+    itself from everything that decides them, so every caller asking for the same features
+    shares one entry; built from a bare trunk (one still training) it caches nothing.
+    """
 
     def __init__(
         self,
@@ -143,6 +136,7 @@ class FeatureExtractor:
         device: str | torch.device = "auto",
         amp: bool = True,
         grid: int | None = None,
+        identity: str | None = None,
     ) -> None:
         self.stage = _stage(layer)
         self.layer = layer
@@ -155,6 +149,18 @@ class FeatureExtractor:
         self.grid = grid  # None: the benchmark pooling; else pool_grid (invariance analysis)
         grid_dim = trunk.channels[self.stage] * (grid or 1) ** 2
         self.dim = feature_dim(trunk, layer) if grid is None else grid_dim
+        self.identity = identity  # what decides the trunk's weights; None: never cached
+
+    @classmethod
+    def for_encoder(
+        cls,
+        encoder: Encoder,
+        layer: str = "res5",
+        device: str | torch.device = "auto",
+        grid: int | None = None,
+    ) -> FeatureExtractor:
+        """An extractor whose cache is keyed on the encoder's weights, not on how it was named."""
+        return cls(encoder.trunk, layer, device, grid=grid, identity=encoder.fingerprint)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,19 +174,44 @@ class FeatureExtractor:
                 return pool_grid(out.float(), self.grid)
             return pool_stage(out.float(), self.layer)
 
+    def _cache_path(self, images: ImageList, view: Any, dtype: str) -> Path | None:
+        """One file per (weights, layer, pooling, autocast, ordered files, view, dtype), whoever
+        asks, so equal features are computed once; None when the weights have no identity."""
+        if self.identity is None:
+            return None
+        parts = {
+            "weights": self.identity,
+            "layer": self.layer,
+            "grid": self.grid,
+            "amp": self.amp,
+            "dataset": _paths_fingerprint(images.paths),
+            "view": repr(view),
+            "dtype": dtype,
+        }
+        key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+        return cache_dir() / "features" / f"{key}.npy"
+
     def extract(
         self,
-        dataset: torch.utils.data.Dataset,
-        key: str | None = None,
+        images: ImageList,
+        view: Callable[..., Any] | torch.utils.data.Dataset,
         batch_size: int = 64,
         num_workers: int = 0,
         dtype: str = "float16",
         progress: bool = True,
     ) -> np.ndarray:
-        """Features of every item (item[0] is the image), row i = item i; cached on disk under
-        `key` so a second probe on the same features starts at once. Under torch.distributed
-        each rank runs a strided shard and the shards are all-gathered."""
-        path = cache_dir() / "features" / f"{key}.npy" if key else None
+        """Features of `images` seen through `view`, so a second probe on the same features starts
+        at once. `view` is a transform of each image (row i = image i) or a data set built over
+        `images` (e.g. several patches per image; item[0] is the input); its repr names it in
+        the cache key. Under torch.distributed each rank runs a strided shard and the shards
+        are all-gathered."""
+        if isinstance(view, torch.utils.data.Dataset):
+            if getattr(view, "images", None) is not images:
+                raise ValueError("a data-set view must be built over the images it is asked for")
+            dataset = view
+        else:
+            dataset = ImageDataset(images, view)
+        path = self._cache_path(images, view, dtype)
         if path is not None and path.exists():
             return np.load(path, mmap_mode="r")
         rank, world = dist_world()
@@ -191,7 +222,7 @@ class FeatureExtractor:
         if path is None:
             return feats.astype(dtype, copy=False)
         if rank == 0:
-            self._write_cache(path, feats, dtype, key)
+            self._write_cache(path, feats, dtype)
         if world > 1:
             torch.distributed.barrier()
         return np.load(path, mmap_mode="r")
@@ -233,7 +264,7 @@ class FeatureExtractor:
         return stacked[:n].cpu().numpy()
 
     @staticmethod
-    def _write_cache(path: Path, feats: np.ndarray, dtype: str, key: str) -> None:
+    def _write_cache(path: Path, feats: np.ndarray, dtype: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=feats.shape)

@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 import torch
 
-from pirl.data import ImageDataset, ImageList
+from pirl.data import ImageList
 from pirl.features import FeatureExtractor, center_crop_transform
 from pirl.trunk import Trunk
 
@@ -135,22 +135,20 @@ def trunk_knn(
     device: str | torch.device = "auto",
     batch_size: int = 64,
     num_workers: int = 0,
-    cache_keys: Sequence[str | None] = (None, None),
+    identity: str | None = None,
     progress: bool = True,
 ) -> dict[int, float]:
     """kNN top-1 per k of one layer of a trunk (which FeatureExtractor freezes: pass a copy of a
-    trunk still training) on Resize + CenterCrop inputs; `test=None` is leave-one-out."""
+    trunk still training) on Resize + CenterCrop inputs; `test=None` is leave-one-out.
+    `identity` (an `Encoder.fingerprint`) lets the features come from and go to the shared
+    cache; None (a trunk still training) computes them afresh."""
     transform = center_crop_transform(image_size)
-    ext = FeatureExtractor(trunk, layer, device=device)
+    ext = FeatureExtractor(trunk, layer, device=device, identity=identity)
     feats = [
         ext.extract(
-            ImageDataset(split, transform),
-            key=key,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            progress=progress,
+            split, transform, batch_size=batch_size, num_workers=num_workers, progress=progress
         )
-        for split, key in zip((train, test), cache_keys, strict=True)
+        for split in (train, test)
         if split is not None
     ]
     test_feats, test_labels = (feats[1], test.labels) if test is not None else (None, None)

@@ -448,6 +448,7 @@ class Encoder:
     width: float
     memory_size: int | None
     source: str
+    fingerprint: str  # what decides the weights: file identity or random spec + seed
     unmapped_heads: tuple[str, ...] = ()
 
     @property
@@ -472,7 +473,14 @@ def _random_encoder(spec: str, arch: str | None, seed: int) -> Encoder:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         trunk = build_trunk(name, width)
-    return Encoder(trunk.eval(), None, "random", name, width, None, f"random:{name}@{width:g}")
+    source = f"random:{name}@{width:g}"
+    return Encoder(trunk.eval(), None, "random", name, width, None, source, f"{source}#{seed}")
+
+
+def _file_identity(path: Path) -> str:
+    """Resolved path, mtime and size: cheap, and a rewritten file never passes for the old one."""
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_mtime_ns}:{st.st_size}"
 
 
 def load_encoder(
@@ -483,6 +491,7 @@ def load_encoder(
     if text == "random" or text.startswith("random:"):
         return _random_encoder(text, arch, seed)
     path = Path(spec).expanduser()
+    identity = _file_identity(path) if path.is_file() else None  # read_checkpoint names errors
     parsed = parse_checkpoint(read_checkpoint(path), path, fmt)
     try:
         inferred, width = infer_arch(parsed.trunk)
@@ -514,5 +523,6 @@ def load_encoder(
         width,
         parsed.memory_size,
         str(path),
+        f"{identity}:{parsed.format}:{arch}@{width:g}",
         parsed.unmapped_heads,
     )

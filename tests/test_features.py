@@ -1,23 +1,24 @@
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from pirl.data import ImageDataset, embedded_images, list_images
+from pirl.data import ImageDataset, cache_dir, embedded_images, list_images
 from pirl.features import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     FeatureExtractor,
-    cache_key,
-    dataset_fingerprint,
+    center_crop_transform,
     feature_channels,
     feature_dim,
     pool_stage,
     resize_transform,
-    weights_fingerprint,
 )
 from pirl.trunk import build_trunk
+from pirl.weights import load_encoder
 
 # Published dims for ResNet-50 at 224 (docs/reference.md).
 R50_DIMS = {"conv1": 9216, "res2": 9216, "res3": 8192, "res4": 9216, "res5": 8192, "res5avg": 2048}
@@ -66,41 +67,100 @@ def _image_set(tmp_path, n=12):
     return list_images(tmp_path / "imgs")
 
 
+def _cached_files():
+    return sorted((cache_dir() / "features").glob("*.npy"))
+
+
+def _counting(encoder):
+    calls = []
+    encoder.trunk.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
 def test_extract_matches_direct_forward_and_cache_skips_the_trunk(tmp_path):
-    torch.manual_seed(0)
-    trunk = build_trunk("resnet18", 0.125)
+    enc = load_encoder("random:resnet18@0.125", seed=0)
     images = _image_set(tmp_path)
     tf = resize_transform(32)
-    ds = ImageDataset(images, tf)
-    ext = FeatureExtractor(trunk, "res4", device="cpu")
-    calls = []
-    trunk.register_forward_hook(lambda *a: calls.append(1))
-    key = cache_key(
-        weights_fingerprint("random:resnet18@0.125"), "res4", dataset_fingerprint(images.paths), tf
-    )
-    first = ext.extract(ds, key=key, batch_size=5, dtype="float32", progress=False)
+    ext = FeatureExtractor.for_encoder(enc, "res4", device="cpu")
+    calls = _counting(enc)
+    first = ext.extract(images, tf, batch_size=5, dtype="float32", progress=False)
     assert len(calls) == 3  # 12 images in batches of 5
+    ds = ImageDataset(images, tf)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     with torch.no_grad():
-        want = torch.nn.functional.adaptive_avg_pool2d(trunk(x, ("res4",))["res4"], 3).flatten(1)
+        res4 = enc.trunk(x, ("res4",))["res4"]
+    want = torch.nn.functional.adaptive_avg_pool2d(res4, 3).flatten(1)
     np.testing.assert_allclose(first, want.numpy(), rtol=1e-4, atol=1e-5)
     calls.clear()
-    again = ext.extract(ds, key=key, batch_size=5, dtype="float32", progress=False)
+    again = ext.extract(images, tf, batch_size=5, dtype="float32", progress=False)
     assert not calls  # served from the cache
     np.testing.assert_array_equal(again, first)
     assert isinstance(again, np.memmap)
+    assert len(_cached_files()) == 1
 
 
-def test_cache_key_changes_with_each_part(tmp_path):
-    w = tmp_path / "w.pth"
-    w.write_bytes(b"abc")
-    base = dict(weights=weights_fingerprint(w), layer="res5", dataset="d", transform="t")
-    keys = {cache_key(**base)}
-    for k, v in [("layer", "res4"), ("dataset", "e"), ("transform", "u")]:
-        keys.add(cache_key(**{**base, k: v}))
-    w.write_bytes(b"abcd")
-    keys.add(cache_key(**{**base, "weights": weights_fingerprint(w)}))
-    assert len(keys) == 5
+def test_a_trunk_without_identity_is_never_cached(tmp_path):
+    trunk = build_trunk("resnet18", 0.125)
+    ext = FeatureExtractor(trunk, "res5avg", device="cpu")
+    feats = ext.extract(_image_set(tmp_path, 4), resize_transform(32), progress=False)
+    assert feats.shape == (4, 64) and not _cached_files()
+
+
+def test_a_different_layer_grid_view_or_dtype_misses(tmp_path):
+    enc = load_encoder("random:resnet18@0.125", seed=0)
+    images = _image_set(tmp_path, 4)
+    tf = resize_transform(32)
+    calls = _counting(enc)
+
+    def extract(layer="res4", grid=None, view=tf, dtype="float16"):
+        calls.clear()
+        ext = FeatureExtractor.for_encoder(enc, layer, device="cpu", grid=grid)
+        feats = ext.extract(images, view, dtype=dtype, progress=False)
+        assert calls, (layer, grid, view, dtype)  # the trunk ran: a miss
+        return feats
+
+    base = extract()
+    extract(layer="res3")
+    extract(layer="res4", grid=3)  # same length as the benchmark pooling, other layout
+    assert not np.array_equal(extract(view=center_crop_transform(32)), base)
+    extract(dtype="float32")
+    assert len(_cached_files()) == 5
+
+
+def test_a_rewritten_weights_file_misses_even_under_a_home_relative_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "w.pth"
+    images = _image_set(tmp_path, 4)
+    tf = resize_transform(32)
+
+    def save(seed):
+        torch.manual_seed(seed)
+        torch.save({"trunk": build_trunk("resnet18", 0.125).state_dict()}, path)
+
+    def extract():
+        enc = load_encoder("~/w.pth")
+        calls = _counting(enc)
+        ext = FeatureExtractor.for_encoder(enc, "res5avg", device="cpu")
+        return ext.extract(images, tf, progress=False), len(calls)
+
+    save(0)
+    first, ran = extract()
+    assert ran and extract()[1] == 0  # the same file hits
+    size, mtime = path.stat().st_size, path.stat().st_mtime_ns
+    save(1)  # same architecture: same size; make sure the clock moved too
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+    assert path.stat().st_size == size
+    second, ran = extract()
+    assert ran and not np.array_equal(first, second)
+    assert len(_cached_files()) == 2
+
+
+def test_a_data_set_view_must_be_built_over_the_images_asked_for(tmp_path):
+    enc = load_encoder("random:resnet18@0.125", seed=0)
+    images = _image_set(tmp_path, 4)
+    other = ImageDataset(_image_set(tmp_path / "b", 4), resize_transform(32))
+    with pytest.raises(ValueError, match="built over the images"):
+        FeatureExtractor.for_encoder(enc, device="cpu").extract(images, other)
 
 
 def test_voc07_input_is_vissls_two_resizes_not_one():
@@ -120,5 +180,4 @@ def test_voc07_input_is_vissls_two_resizes_not_one():
     one = T.Compose([T.Resize((224, 224)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     assert (got - one(img)).abs().max() > 0.5
     # The cached features of the old single-resize input are not served for the new one.
-    key = dict(weights="w", layer="res5", dataset="d")
-    assert cache_key(**key, transform=resize_transform(224)) != cache_key(**key, transform=one)
+    assert repr(resize_transform(224)) != repr(one)

@@ -13,9 +13,17 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
-from analysis.invariance import BINS, JigsawPatches, invariance_distances, to_cell_order
+from analysis.invariance import (
+    BINS,
+    STAGES,
+    JigsawPatches,
+    Runtime,
+    encoder_invariance,
+    invariance_distances,
+    to_cell_order,
+)
 from pirl.cli import main
-from pirl.data import list_images
+from pirl.data import cache_dir, list_images
 from pirl.features import pool_grid
 from pirl.heads import PirlHeads
 from pirl.jigsaw import JigsawGeometry
@@ -83,6 +91,29 @@ def test_patches_are_centre_crops_of_the_resized_image_in_shuffled_order(tmp_pat
         ref = (src[y : y + 9, x : x + 9] - mean) / std
         got = ds[k][0].permute(1, 2, 0).numpy()
         np.testing.assert_allclose(got, ref, atol=0.02)
+
+
+def test_random_encoders_of_different_seeds_get_their_own_features(
+    tmp_path: Path, digit_images: tuple[list[np.ndarray], np.ndarray]
+) -> None:
+    from pirl.weights import load_encoder
+
+    images, labels = digit_images
+    write_image_folder(tmp_path / "d", images[:6], labels[:6])
+    val = list_images(tmp_path / "d")
+    rt = Runtime("cpu", progress=False)
+    cached = cache_dir() / "features"
+    ratios = []
+    for seed in (0, 1):  # the weights' seed; the patch shuffle's seed stays 0
+        encoder = load_encoder("random:resnet18@0.125", seed=seed)
+        ratios.append([r.ratio for r in encoder_invariance(encoder, val, 32, 0, rt)])
+        assert len(list(cached.glob("*.npy"))) == 2 * len(STAGES) * (seed + 1)  # whole, patches
+    assert ratios[0] != ratios[1]
+    encoder = load_encoder("random:resnet18@0.125", seed=1)
+    calls = []
+    encoder.trunk.register_forward_hook(lambda *a: calls.append(1))
+    assert [r.ratio for r in encoder_invariance(encoder, val, 32, 0, rt)] == ratios[1]
+    assert not calls  # all served from the cache
 
 
 def _save_native(path: Path, trunk_seed: int, heads: torch.nn.Module | None) -> str:

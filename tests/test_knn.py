@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
+from analysis.knn import encoder_knn
+from pirl.data import cache_dir, list_images
 from pirl.knn import KnnIndex, knn_accuracy, self_match_rate, unit_rows, weighted_vote
+from pirl.weights import load_encoder
+from tests.conftest import write_image_folder
 
 
 def test_neighbours_equal_sklearn_brute_force_cosine() -> None:
@@ -65,3 +70,49 @@ def test_self_match_rate_counts_own_nearest_original() -> None:
     moved = orig.copy()
     moved[1] = [0.9, 0.1, 0]  # now nearest to row 0
     assert self_match_rate(orig, moved, use_gpu=False) == 0.75
+
+
+def _cached_files() -> list[Path]:
+    return sorted((cache_dir() / "features").glob("*.npy"))
+
+
+def _train_val(root: Path, digit_images: tuple[list[np.ndarray], np.ndarray]) -> Path:
+    """An ImageFolder train/ and val/ of 3 classes: both the linear probe and kNN read it."""
+    images, labels = digit_images
+    keep = [i for i in range(len(labels)) if labels[i] < 3][:24]
+    write_image_folder(root / "train", [images[i] for i in keep[:16]], labels[keep[:16]])
+    write_image_folder(root / "val", [images[i] for i in keep[16:]], labels[keep[16:]])
+    return root
+
+
+def test_linear_probe_and_analysis_share_one_cache_entry(
+    tmp_path: Path, digit_images: tuple[list[np.ndarray], np.ndarray]
+) -> None:
+    from transfer.linear_probe import run_linear
+
+    data = _train_val(tmp_path / "data", digit_images)
+    spec = "random:resnet18@0.125"
+    kw = dict(device="cpu", num_workers=0, image_size=32, augment=False, epochs=1, seed=3)
+    run_linear(spec, "imagenet", data, "res5", **kw)
+    written = _cached_files()
+    assert len(written) == 2  # train and val, centre-crop res5 features
+    encoder = load_encoder(spec, seed=3)
+    calls = []
+    encoder.trunk.register_forward_hook(lambda *a: calls.append(1))
+    train, val = list_images(data / "train"), list_images(data / "val")
+    encoder_knn(encoder, train, val, ["res5"], 32, (3,), "cpu", progress=False)
+    assert not calls  # both splits served from the probe's entries
+    assert _cached_files() == written
+
+
+def test_random_encoders_of_different_seeds_do_not_share_features(
+    tmp_path: Path, digit_images: tuple[list[np.ndarray], np.ndarray]
+) -> None:
+    data = _train_val(tmp_path / "data", digit_images)
+    train = list_images(data / "train")
+    for seed in (0, 1):
+        encoder = load_encoder("random:resnet18@0.125", seed=seed)
+        encoder_knn(encoder, train, None, ["res4"], 32, (3,), "cpu", progress=False)
+        assert len(_cached_files()) == seed + 1  # leave-one-out: one entry per seed
+    first, second = (np.load(p) for p in _cached_files())
+    assert first.shape == second.shape and not np.array_equal(first, second)

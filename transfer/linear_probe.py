@@ -24,12 +24,9 @@ from pirl.features import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     FeatureExtractor,
-    cache_key,
     center_crop_transform,
-    dataset_fingerprint,
     feature_channels,
     resize_transform,
-    weights_fingerprint,
 )
 from transfer.classifiers import scaled_schedule, train_probe, voc07_svm
 from transfer.datasets import (
@@ -55,23 +52,14 @@ def _cached(
     ext: FeatureExtractor,
     split: Split,
     transform: Any,
-    weights: str,
-    seed: int,
     batch_size: int,
     num_workers: int,
     dtype: str,
 ) -> np.ndarray:
-    key = cache_key(
-        weights_fingerprint(weights),
-        ext.layer,
-        dataset_fingerprint(split.paths),
-        transform,
-        seed=seed,
-        dtype=dtype,
-    )
+    """A split's features from the extractor, which keys the cache every evaluation shares."""
     return ext.extract(
-        ImageDataset(_image_list(split), transform),
-        key=key,
+        _image_list(split),
+        transform,
         batch_size=batch_size,
         num_workers=num_workers,
         dtype=dtype,
@@ -146,7 +134,7 @@ def run_linear(
     dev = resolve_device(device)
     train_split, test_split = (load_split(benchmark, data, s) for s in SPLITS[benchmark])
     encoder = load_encoder(weights, seed=seed)
-    ext = FeatureExtractor(encoder.trunk, layer, device=dev)
+    ext = FeatureExtractor.for_encoder(encoder, layer, device=dev)
     run = RunDir(out) if out is not None else None
     if run is not None:
         run.write_config(
@@ -159,7 +147,7 @@ def run_linear(
             }
         )
     start = time.perf_counter()
-    args = (weights, seed, batch_size, num_workers, feature_dtype)
+    args = (batch_size, num_workers, feature_dtype)
     if benchmark == "voc07":
         tf = resize_transform(image_size)
         xtr, xte = (_cached(ext, s, tf, *args) for s in (train_split, test_split))
@@ -167,7 +155,17 @@ def run_linear(
         res["classes"] = train_split.classes
     else:
         res = _linear_benchmark(
-            ext, benchmark, train_split, test_split, run, dev, epochs, image_size, augment, args
+            ext,
+            benchmark,
+            train_split,
+            test_split,
+            run,
+            dev,
+            epochs,
+            image_size,
+            augment,
+            seed,
+            args,
         )
     params = sum(p.numel() for p in encoder.trunk.parameters())
     results = {
@@ -224,9 +222,9 @@ def markdown_row(results: dict) -> str:
 
 
 def _linear_benchmark(
-    ext, benchmark, train_split, test_split, run, dev, epochs, image_size, augment, args
+    ext, benchmark, train_split, test_split, run, dev, epochs, image_size, augment, seed, args
 ) -> dict:
-    weights, seed, batch_size, num_workers, dtype = args
+    batch_size, num_workers, _ = args
     n_epochs, milestones = scaled_schedule(benchmark, epochs)
     test_tf = center_crop_transform(image_size)
     xte = _cached(ext, test_split, test_tf, *args)
