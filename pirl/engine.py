@@ -242,18 +242,20 @@ class RunDir:
         overwrite: bool = False,
         allow_change: Sequence[str] = (),
         record: Mapping[str, Any] | None = None,
+        checkpoint: str = "checkpoint.pth",
     ) -> None:
         """Claim the folder for `command` before any work: refuse another command's run, an
         existing run without --resume or --overwrite, and a resume whose settings differ (except
         runtime keys and allow_change); remove temp files of a killed write; on rank 0 write
-        config.json (what --config reads back) and run.json (environment, command line)."""
+        config.json (what --config reads back) and run.json (environment, command line).
+        `checkpoint` is the file a resume continues from (a backend may keep its own)."""
         self._writable()
         saved_cmd = self._saved_command()
         if saved_cmd not in (None, command):
             raise UserError(
                 f"{self.root}: holds a `{saved_cmd}` run, not `{command}`; choose another --out"
             )
-        ckpt = self.path("checkpoint.pth")
+        ckpt = self.path(checkpoint)
         exists = any(self.path(n).exists() for n in RUN_FILES)
         if resume:
             if not ckpt.exists():
@@ -264,6 +266,8 @@ class RunDir:
                 f"{self.root}: a {command} run exists here; pass --resume to continue it, "
                 "--overwrite to replace it, or choose another --out"
             )
+        if world()[1] > 1:
+            dist.barrier()  # every rank checks the folder before rank 0 writes into it
         if world()[0] != 0:
             return
         for stale in self.root.glob(".*.tmp*"):  # a write killed before its rename
