@@ -240,6 +240,7 @@ class RunDir:
         resume: bool = False,
         overwrite: bool = False,
         allow_change: Sequence[str] = (),
+        checkpoint: str = "checkpoint.pth",
     ) -> None:
         """Refuse, before any work: an unwritable folder, another command's run, an existing run
         without --resume or --overwrite, and a resume whose settings differ (except runtime keys
@@ -250,7 +251,7 @@ class RunDir:
             raise UserError(
                 f"{self.root}: holds a `{saved_cmd}` run, not `{command}`; choose another --out"
             )
-        ckpt = self.path("checkpoint.pth")
+        ckpt = self.path(checkpoint)
         if resume:
             if not ckpt.exists():
                 raise UserError(f"{ckpt}: nothing to resume (no checkpoint)")
@@ -271,13 +272,22 @@ class RunDir:
         overwrite: bool = False,
         allow_change: Sequence[str] = (),
         record: Mapping[str, Any] | None = None,
+        checkpoint: str = "checkpoint.pth",
     ) -> None:
         """Claim the folder for `command` (rank 0; the other ranks of a DDP run leave the folder
         to it): check(), remove temp files of a killed write, and write config.json (what
-        --config reads back) and run.json (environment and command line of every invocation)."""
+        --config reads back) and run.json (environment and command line of every invocation).
+        `checkpoint` is the file a resume continues from (a backend may keep its own)."""
         if world()[0] != 0:
             return
-        self.check(command, config, resume=resume, overwrite=overwrite, allow_change=allow_change)
+        self.check(
+            command,
+            config,
+            resume=resume,
+            overwrite=overwrite,
+            allow_change=allow_change,
+            checkpoint=checkpoint,
+        )
         for stale in self.root.glob(".*.tmp*"):  # a write killed before its rename
             stale.unlink(missing_ok=True)
         if overwrite and not resume:

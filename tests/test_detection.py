@@ -1,3 +1,4 @@
+import dataclasses
 import importlib.util
 import json
 import pickle
@@ -24,7 +25,7 @@ from transfer.detection import (
     table1_markdown,
     write_detectron2_handover,
 )
-from transfer.detection_cli import detection, parse_sizes, table1
+from transfer.detection_cli import parse_sizes, table1
 from transfer.voc_ap import evaluate
 from transfer.voc_detection import (
     VocDetectionDataset,
@@ -135,7 +136,7 @@ def test_schedule_scaling_and_warmup():
 
 def test_detectron2_handover(tmp_path):
     trunk = _randomised_trunk("resnet50", 1.0, seed=2)
-    cfg = DetectionConfig(out=str(tmp_path), schedule=Schedule.scaled(5000, 8))
+    cfg = DetectionConfig(out=str(tmp_path), iters=5000, batch_size=8)
     yaml_path, pkl = write_detectron2_handover(cfg, trunk, 20)
     conf = json.loads(yaml_path.read_text())  # JSON is YAML: detectron2's merge_from_file reads it
     m = conf["MODEL"]
@@ -176,19 +177,14 @@ VISSL_PIRL_VOC0712_SOLVER = {
 }  # fmt: skip
 
 
-def test_default_schedule_is_vissls_pirl_voc0712_for_both_backends(tmp_path, monkeypatch):
-    import transfer.detection
-
-    seen = []
-    monkeypatch.setattr(transfer.detection, "run_detection", lambda cfg: seen.append(cfg) or {})
-    res = CliRunner().invoke(detection, ["--voc-root", str(tmp_path), "--out", str(tmp_path)])
-    assert res.exit_code == 0, res.output
-    sched = seen[0].schedule  # what the torchvision backend trains with
+def test_default_schedule_is_vissls_pirl_voc0712_for_both_backends(tmp_path):
+    cfg = DetectionConfig(data=str(tmp_path), out=str(tmp_path))
+    sched = cfg.schedule()  # what the torchvision backend trains with
     assert sched == Schedule()
     for it, lr in [(0, 0.002 * 0.001), (999, 0.002 * (0.001 + 0.999 * 0.999)), (1000, 0.002),
                    (16999, 0.002), (17000, 0.0002), (24999, 0.0002)]:  # fmt: skip
         assert sched.lr(it) == pytest.approx(lr, rel=1e-12)
-    yaml_path, _ = write_detectron2_handover(seen[0], _randomised_trunk("resnet50", 1.0), 20)
+    yaml_path, _ = write_detectron2_handover(cfg, _randomised_trunk("resnet50", 1.0), 20)
     solver = json.loads(yaml_path.read_text())["SOLVER"]
     assert {k: solver[k] for k in VISSL_PIRL_VOC0712_SOLVER} == VISSL_PIRL_VOC0712_SOLVER
     rpn = json.loads(yaml_path.read_text())["MODEL"]["RPN"]
@@ -203,34 +199,66 @@ def test_detectron2_backend_missing_says_how_to_install(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_detectron2_backend_claims_the_run_folder(tmp_path, monkeypatch):
+    import importlib.util
+
+    from pirl.engine import RunDir
+
+    devkit = build_embedded_voc(n_trainval=2, n_test=2, size=64, seed=1)
+    out = tmp_path / "run"
+    RunDir(out).start("transfer lowshot", {"lr": 0.1}, torch.device("cpu"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: object() if n == "detectron2" else real(n, *a)
+    )
+    cfg = DetectionConfig(
+        out=str(out),
+        data=str(devkit),
+        train_sets=("2007/trainval",),
+        device="cpu",
+        backend="detectron2",
+    )
+    with pytest.raises(UserError, match="holds a `transfer lowshot` run"):
+        run_detection(cfg)
+    with pytest.raises(UserError, match=r"detectron2[/\\]last_checkpoint: nothing to resume"):
+        run_detection(dataclasses.replace(cfg, out=str(tmp_path / "new"), resume=True))
+
+
 def test_tiny_end_to_end_resume_and_rescore(tmp_path):
     devkit = build_embedded_voc(n_trainval=4, n_test=3, size=64, seed=1)
     weights = save_torchvision(_randomised_trunk().state_dict(), tmp_path / "enc.pth")
     out = tmp_path / "run"
-    args = ["--voc-root", str(devkit), "--weights", f"tiny={weights}", "--out", str(out),
-            "--train-sets", "2007/trainval", "--batch-size", "2", "--train-sizes", "64",
-            "--test-size", "64", "--max-size", "64", "--roi-batch-size", "8",
-            "--proposals", "20,8", "--num-workers", "0", "--device", "cpu",
-            "--checkpoint-every", "1", "--lr", "0.01"]  # fmt: skip
-    res = CliRunner().invoke(detection, [*args, "--iters", "2"], catch_exceptions=False)
-    assert "AP50" in res.output and "| tiny |" in res.output
-    results = json.loads((out / "results.json").read_text())
+    kw = dict(data=str(devkit), weights=str(weights), name="tiny", out=str(out),
+              train_sets=("2007/trainval",), batch_size=2, train_sizes=(64,), test_size=64,
+              max_size=64, roi_batch_size=8, proposals=(20, 8), num_workers=0, device="cpu",
+              checkpoint_every=1, lr=0.01)  # fmt: skip
+    results = run_detection(DetectionConfig(iters=2, **kw))
     assert results["method"] == "tiny" and results["metric"] == "voc07-11point"
     assert all(0 <= results[k] <= 100 for k in ("AP", "AP50", "AP75"))
     assert results["AP50"] >= results["AP75"]
     assert (out / "table1_row.md").read_text().startswith("| tiny | ")
+    # config.json holds one option per key (a --config file), no nested schedule.
     config = json.loads((out / "config.json").read_text())
-    assert config["schedule"]["iters"] == 2 and config["name"] == "tiny"
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    assert (config["iters"], config["batch_size"], config["lr"]) == (2, 2, 0.01)
+    assert config["data"] == str(devkit) and config["name"] == "tiny"
+    assert not any(isinstance(v, dict) for v in config.values())
+    assert json.loads((out / "run.json").read_text())["command"] == "transfer detection"
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 2
     # The devkit files written by the run score to the same numbers through the CLI.
     res = CliRunner().invoke(main, ["eval", "voc-detections", "--voc-root", str(devkit),
                                     "--detections", str(out / "detections")])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert f"AP50 {results['AP50']:.1f}" in res.output
-    # Resume continues from iteration 2 instead of starting over.
-    res = CliRunner().invoke(detection, [*args, "--iters", "3", "--resume"], catch_exceptions=False)
+    # A second run into the folder, or a resume with other settings, is refused naming each.
+    with pytest.raises(UserError, match="a transfer detection run exists here"):
+        run_detection(DetectionConfig(iters=2, **kw))
+    with pytest.raises(UserError, match=r"changed settings \(iters 2 -> 3, lr 0\.01 -> 0\.02\)"):
+        run_detection(DetectionConfig(iters=3, resume=True, **{**kw, "lr": 0.02}))
+    # Resume continues from iteration 2 of checkpoint.pth instead of starting over.
+    run_detection(DetectionConfig(iters=3, resume=True, allow_change=("iters",), **kw))
     lines = (out / "metrics.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in lines[1:]] == ["2", "3"]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 3
     table = assemble_table1([out])
     assert table.Method.tolist() == ["tiny"] and "| tiny |" in table1_markdown(table)
     res = CliRunner().invoke(table1, [str(out), "--out", str(tmp_path / "tables")])

@@ -254,11 +254,12 @@ def test_resume_continues_exactly(photos, tmp_path):
     kw = dict(percent=10, batch_size=8, lr=0.05, head_lr=0.2)
     straight = finetune(_cfg(photos, tmp_path / "a", epochs=2, **kw))
     finetune(_cfg(photos, tmp_path / "b", epochs=1, **kw))
-    with pytest.raises(UserError, match="a run exists here"):
+    with pytest.raises(UserError, match="a transfer lowshot run exists here"):
         finetune(_cfg(photos, tmp_path / "b", epochs=2, **kw))
-    with pytest.raises(UserError, match=r"different settings \(seed 0 -> 1\)"):
+    with pytest.raises(UserError, match=r"changed settings \(epochs 1 -> 2, seed 0 -> 1\)"):
         finetune(_cfg(photos, tmp_path / "b", epochs=2, resume=True, seed=1, **kw))
-    resumed = finetune(_cfg(photos, tmp_path / "b", epochs=2, resume=True, **kw))
+    more = dict(epochs=2, resume=True, allow_change=("epochs",))
+    resumed = finetune(_cfg(photos, tmp_path / "b", **more, **kw))
     a = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)
     b = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
     for k, v in a["trunk"].items():
@@ -270,6 +271,22 @@ def test_resume_continues_exactly(photos, tmp_path):
     assert [line.split(",")[0] for line in metrics[1:]] == ["1", "2"]
     first = metrics[1].split(",")
     assert float(first[3]) == pytest.approx(0.05) and float(first[4]) == pytest.approx(0.2)
+
+
+def test_resume_refuses_changed_lr_and_overwrite_replaces(photos, tmp_path):
+    kw = dict(percent=10, batch_size=8, epochs=1)
+    finetune(_cfg(photos, tmp_path / "r", lr=0.05, **kw))
+    with pytest.raises(UserError, match=r"changed settings \(lr 0\.05 -> 0\.1\); pass") as err:
+        finetune(_cfg(photos, tmp_path / "r", lr=0.1, resume=True, **kw))
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match=r"\(epochs 1 -> 2\)"):  # more epochs only when allowed
+        finetune(_cfg(photos, tmp_path / "r", lr=0.05, resume=True, **{**kw, "epochs": 2}))
+    finetune(_cfg(photos, tmp_path / "r", lr=0.1, overwrite=True, **kw))
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["lr"] == 0.1
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["command"] == "transfer lowshot" and len(run["invocations"]) == 1
+    metrics = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in metrics[1:]] == ["1"]  # the old run's rows are gone
 
 
 # --------------------------------------------------------------------------- CLI and Table 3

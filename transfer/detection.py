@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
 from tqdm import tqdm
 
-from pirl.engine import RunDir, atomic_torch_save, seed_everything, setup_distributed
+from pirl.engine import RunDir, resolve_device, seed_everything, setup_distributed, wrap_ddp
 from pirl.errors import UserError
 from pirl.tables import markdown_table
 from pirl.trunk import Trunk
@@ -58,7 +57,6 @@ PAPER_ITERS, PAPER_BATCH, PAPER_LR, PAPER_STEP, PAPER_WARMUP = 25_000, 16, 0.002
 PAPER_TRAIN_SIZES = tuple(range(480, 801, 32))
 PAPER_TEST_SIZE, PAPER_MAX_SIZE = 800, 1333
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
-CHECKPOINT = "checkpoint.pt"
 
 
 # --------------------------------------------------------------------------- model
@@ -221,30 +219,46 @@ class Schedule:
 # --------------------------------------------------------------------------- run
 
 
+def uses_07_metric(metric: str, test_set: str) -> bool:
+    """11-point AP for VOC2007 as detectron2 does, the area metric for later years ('auto')."""
+    if metric == "auto":
+        return test_set.split("/")[0] == "2007"
+    return metric == "11point"
+
+
 @dataclass
 class DetectionConfig:
-    """Everything a detection run depends on; written to config.json."""
+    """Everything a detection run depends on, one field per command option (config.json reads
+    back as a --config file); data None is the embedded VOC set."""
 
     out: str = "runs/detection"
-    voc_root: str | None = None
+    data: str | None = None
     weights: str | None = None
     name: str | None = None
     arch: str | None = None
     train_sets: tuple[str, ...] = ("2007/trainval", "2012/trainval")
     test_set: str = "2007/test"
-    schedule: Schedule = field(default_factory=Schedule)
+    iters: int = PAPER_ITERS
+    batch_size: int = PAPER_BATCH
+    lr: float = PAPER_LR  # for 16 images, scaled linearly with batch_size
     train_sizes: tuple[int, ...] = PAPER_TRAIN_SIZES
     test_size: int = PAPER_TEST_SIZE
     max_size: int = PAPER_MAX_SIZE
     roi_batch_size: int = 512
     proposals: tuple[int, int] = (2000, 1000)
-    use_07_metric: bool = True
+    metric: str = "auto"
     device: str = "auto"
     seed: int = 0
     num_workers: int = 4
     checkpoint_every: int = 2500
     resume: bool = False
+    overwrite: bool = False
+    allow_change: tuple[str, ...] = ()
     backend: str = "torchvision"
+
+    def schedule(self) -> Schedule:
+        """The paper's schedule scaled to these iters, batch size and LR."""
+        return Schedule.scaled(self.iters, self.batch_size, self.lr)
 
 
 def _endless_batches(
@@ -310,13 +324,13 @@ def _load_trunk(cfg: DetectionConfig) -> tuple[Trunk, str]:
     from pirl.weights import load_encoder
 
     # No weights: the random floor row; on the embedded set, a trunk small enough for a CPU.
-    spec = cfg.weights or ("random:resnet50" if cfg.voc_root else "random:resnet18@0.25")
+    spec = cfg.weights or ("random:resnet50" if cfg.data else "random:resnet18@0.25")
     enc = load_encoder(spec, arch=cfg.arch, seed=cfg.seed)
     return enc.trunk, enc.source
 
 
 def _splits(cfg: DetectionConfig) -> tuple[Path, list[VocImage], list[VocImage], str, str]:
-    devkit = Path(cfg.voc_root) if cfg.voc_root else build_embedded_voc()
+    devkit = Path(cfg.data) if cfg.data else build_embedded_voc()
     train = [im for s in cfg.train_sets for im in read_voc_set(devkit, *parse_set_name(s))]
     year, split = parse_set_name(cfg.test_set)
     return devkit, train, read_voc_set(devkit, year, split), year, split
@@ -327,12 +341,38 @@ def markdown_row(name: str, results: dict[str, Any]) -> str:
     return f"| {name} | {results['AP']:.1f} | {results['AP50']:.1f} | {results['AP75']:.1f} |"
 
 
+def _claim(cfg: DetectionConfig, device: torch.device, devkit: Path, source: str,
+           classes: list[str], checkpoint: str = "checkpoint.pth") -> str:  # fmt: skip
+    """Claim cfg.out as a `transfer detection` run (the guard, the resume check); the name."""
+    name = cfg.name or (Path(cfg.weights).stem if cfg.weights else "random")
+    RunDir(cfg.out).start(
+        "transfer detection", {**asdict(cfg), "data": str(devkit), "name": name}, device,
+        resume=cfg.resume, overwrite=cfg.overwrite, allow_change=cfg.allow_change,
+        record={"weights_source": source, "classes": classes}, checkpoint=checkpoint,
+    )  # fmt: skip
+    return name
+
+
+def _restore(model: nn.Module, opt: torch.optim.Optimizer, run: RunDir) -> int:
+    """Load the run's checkpoint into model and optimizer; the iteration to continue from."""
+    state = run.load_checkpoint()
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        return int(state["iteration"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(
+            f"{run.path('checkpoint.pth')}: cannot resume from this checkpoint ({first})"
+        ) from None
+
+
 def run_detection(cfg: DetectionConfig) -> dict[str, Any]:
     """Fine-tune the C4 detector from the encoder, test it, write the run folder."""
     if cfg.backend == "detectron2":
         return run_detectron2(cfg)
     rank, world, device = setup_distributed(cfg.device)
-    sched = cfg.schedule
+    sched = cfg.schedule()
     if sched.batch_size % world:
         raise UserError(f"--batch-size {sched.batch_size} is not divisible by {world} processes")
     per_rank = sched.batch_size // world
@@ -340,11 +380,8 @@ def run_detection(cfg: DetectionConfig) -> dict[str, Any]:
     devkit, train, test, year, split = _splits(cfg)
     classes = voc_classes(train + test)
     trunk, source = _load_trunk(cfg)
-    name = cfg.name or (Path(cfg.weights).stem if cfg.weights else "random")
-    run = RunDir(cfg.out) if rank == 0 else None
-    if run:
-        run.write_config({**asdict(cfg), "voc_root": str(devkit), "weights_source": source,
-                          "classes": classes, "world_size": world, "name": name})  # fmt: skip
+    name = _claim(cfg, device, devkit, source, classes)
+    run, main = RunDir(cfg.out), rank == 0
     model = build_c4_detector(
         trunk, len(classes), cfg.train_sizes, cfg.test_size, cfg.max_size, 2,
         cfg.roi_batch_size, cfg.proposals,
@@ -354,20 +391,8 @@ def run_detection(cfg: DetectionConfig) -> dict[str, Any]:
     opt = torch.optim.SGD(
         params, lr=sched.lr(0), momentum=sched.momentum, weight_decay=sched.weight_decay
     )
-    start = 0
-    ckpt_path = Path(cfg.out) / CHECKPOINT
-    if cfg.resume:
-        if not ckpt_path.exists():
-            raise UserError(f"{ckpt_path}: --resume given but there is no checkpoint")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["iteration"])
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    start = _restore(model, opt, run) if cfg.resume else 0
+    net = wrap_ddp(model, device)
     dataset = VocDetectionDataset(train, classes, train=True)
     if len(dataset) < sched.batch_size:
         raise UserError(
@@ -387,29 +412,30 @@ def run_detection(cfg: DetectionConfig) -> dict[str, Any]:
             g["lr"] = sched.lr(it)
         losses = net(imgs, targets)
         loss = sum(losses.values())
-        if not math.isfinite(loss.item()):
-            raise UserError(f"{cfg.out}: loss became {loss.item()} at iteration {it}; lower --lr")
+        run.check_finite(loss.item(), f"iteration {it}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.lr(it):.2g}")
         done = it + 1
-        if run and (done % 20 == 0 or done == sched.iters):
+        if main and (done % 20 == 0 or done == sched.iters):
             run.append_metrics({"iteration": done, "loss": loss.item(), "lr": sched.lr(it),
                                 **{k: v.item() for k, v in losses.items()},
                                 "seconds": round(time.time() - t0, 1)})  # fmt: skip
-        if run and (done % cfg.checkpoint_every == 0 or done == sched.iters):
+        if main and (done % cfg.checkpoint_every == 0 or done == sched.iters):
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                      "iteration": done, "config": asdict(cfg), "version": 1}  # fmt: skip
-            atomic_torch_save(state, ckpt_path)
+            run.save_checkpoint(state)
     bar.close()
     dets = detect(model, test, classes, device, per_rank, cfg.num_workers, rank, world)
-    if not run:
+    if not main:
         return {}
     det_dir = run.path("detections")
     write_devkit_detections(det_dir, dets, split)
-    results = score_devkit_detections(devkit, det_dir, year, split, cfg.use_07_metric)
+    results = score_devkit_detections(
+        devkit, det_dir, year, split, uses_07_metric(cfg.metric, cfg.test_set)
+    )
     results.update({"method": name, "weights": source, "iterations": sched.iters,
                     "test_set": cfg.test_set, "train_sets": list(cfg.train_sets)})  # fmt: skip
     run.write_results(results)
@@ -451,7 +477,7 @@ def detectron2_config(
         raise UserError(
             f"--backend detectron2 builds C4 heads from bottleneck ResNets only, not {arch}"
         )
-    s = cfg.schedule
+    s = cfg.schedule()
     return {
         "VERSION": 2,
         "MODEL": {
@@ -507,6 +533,10 @@ def write_detectron2_handover(
     return yaml_path, pkl
 
 
+# What detectron2's own checkpointer writes in the run folder: a resume continues from it.
+D2_CHECKPOINT = "detectron2/last_checkpoint"
+
+
 def run_detectron2(cfg: DetectionConfig) -> dict[str, Any]:
     """Train and test with detectron2 itself from the handed-over config and weights."""
     import importlib.util
@@ -519,7 +549,7 @@ def run_detectron2(cfg: DetectionConfig) -> dict[str, Any]:
     devkit, train, test, year, split = _splits(cfg)
     classes = voc_classes(train + test)
     trunk, source = _load_trunk(cfg)
-    RunDir(cfg.out).write_config({**asdict(cfg), "voc_root": str(devkit), "weights_source": source})
+    name = _claim(cfg, resolve_device(cfg.device), devkit, source, classes, D2_CHECKPOINT)
     yaml_path, _ = write_detectron2_handover(cfg, trunk, len(classes))
     from detectron2.config import get_cfg
     from detectron2.data.datasets import register_pascal_voc
@@ -541,10 +571,9 @@ def run_detectron2(cfg: DetectionConfig) -> dict[str, Any]:
     trainer.resume_or_load(resume=cfg.resume)
     trainer.train()
     bbox = Trainer.test(d2cfg, trainer.model)["bbox"]
-    name = cfg.name or (Path(cfg.weights).stem if cfg.weights else "random")
     results = {k: float(bbox[k]) for k in ("AP", "AP50", "AP75")}
     results["metric"] = "voc07-11point" if year == "2007" else "area"
-    results.update(method=name, weights=source, backend="detectron2", iterations=cfg.schedule.iters)
+    results.update(method=name, weights=source, backend="detectron2", iterations=cfg.iters)
     run = RunDir(cfg.out)
     run.write_results(results)
     run.path("table1_row.md").write_text(markdown_row(name, results) + "\n")

@@ -100,8 +100,11 @@ def run_linear(
     image_size: int | None = None,
     augment: bool = True,
     feature_dtype: str = "float16",
+    overwrite: bool = False,
 ) -> dict:
-    """Run one Table 2 benchmark for one encoder; write config/results/row when `out` is set.
+    """Run one Table 2 benchmark for one encoder; when `out` is set, claim it as a
+    `transfer linear` run folder (an existing run is replaced only with overwrite) and write
+    config/results/row there.
 
     weights is [NAME=]PATH or a random spec; data None means the embedded set (32-px images,
     image_size 32 unless given); image_size None means 224 on real data.
@@ -110,14 +113,14 @@ def run_linear(
 
     if benchmark not in BENCHMARKS:
         raise UserError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARKS)}")
+    spec = weights
     method, weights = method_and_path(weights)
     if data is None:
         data = embedded_benchmarks()[benchmark]
         image_size = image_size or EMBEDDED_SIZE
     image_size = image_size or 224
     config = dict(
-        method=method,
-        weights=weights,
+        weights=spec,
         benchmark=benchmark,
         data=str(data),
         layer=layer,
@@ -129,6 +132,7 @@ def run_linear(
         image_size=image_size,
         augment=augment,
         feature_dtype=feature_dtype,
+        out=None if out is None else str(out),
     )
     seed_everything(seed)
     dev = resolve_device(device)
@@ -137,14 +141,18 @@ def run_linear(
     ext = FeatureExtractor.for_encoder(encoder, layer, device=dev)
     run = RunDir(out) if out is not None else None
     if run is not None:
-        run.write_config(
-            {
-                **config,
+        run.start(
+            "transfer linear",
+            config,
+            dev,
+            overwrite=overwrite,
+            record={
+                "method": method,
                 "schedule": scaled_schedule(benchmark, epochs) if benchmark != "voc07" else None,
                 "arch": encoder.arch,
                 "width": encoder.width,
                 "format": encoder.format,
-            }
+            },
         )
     start = time.perf_counter()
     args = (batch_size, num_workers, feature_dtype)
@@ -286,8 +294,10 @@ def run_precomputed(
     out: str | Path,
     device: str = "auto",
     label_encoding: str = "devkit",
+    overwrite: bool = False,
 ) -> dict:
-    """VOC07 SVM protocol on features someone else extracted (labels in either encoding)."""
+    """VOC07 SVM protocol on features someone else extracted (labels in either encoding),
+    into `out` claimed as a `transfer linear` run folder (replaced only with overwrite)."""
     x = _load_npy(features, "--features")
     y = _load_npy(labels, "--labels")
     s = _load_npy(split, "--split")
@@ -298,9 +308,20 @@ def run_precomputed(
     if s.shape != (len(x),) or not np.isin(s, (0, 1)).all():
         raise UserError(f"{split}: expected ({len(x)},) of 1 (trainval) / 0 (test)")
     y = voc_labels(y, label_encoding, labels)
+    dev = resolve_device(device)
+    run = RunDir(out)
+    config = {
+        "features": features,
+        "labels": labels,
+        "label_encoding": label_encoding,
+        "split": split,
+        "device": device,
+        "out": str(out),
+    }
+    run.start("transfer linear", config, dev, overwrite=overwrite)
     tr = np.asarray(s) == 1
     start = time.perf_counter()
-    res = voc07_svm(x[tr], y[tr], x[~tr], y[~tr], device=resolve_device(device))
+    res = voc07_svm(x[tr], y[tr], x[~tr], y[~tr], device=dev)
     results = {
         "benchmark": "voc07",
         "features": str(features),
@@ -309,15 +330,5 @@ def run_precomputed(
         "seconds": time.perf_counter() - start,
         **res,
     }
-    run = RunDir(out)
-    run.write_config(
-        {
-            "features": features,
-            "labels": labels,
-            "label_encoding": label_encoding,
-            "split": split,
-            "device": device,
-        }
-    )
     run.write_results(results)
     return results

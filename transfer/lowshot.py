@@ -9,8 +9,11 @@ Subsets: class c with n_c training images contributes max(1, round_half_up(perce
 images (or a fixed --per-class count), drawn by a permutation seeded from (seed, c) over its
 sorted files, so a run repeats exactly and for one seed the 1% subset lies inside the 10% one.
 The chosen files go to subset.txt in the split-file format, so `--split-file subset.txt`
-replays them. Checkpoints are written atomically each epoch and every epoch's randomness is
-seeded from (seed, epoch), so --resume continues exactly (on the CPU) as pirl/pretrain.py does.
+replays them. The run folder is claimed through the run engine (pirl/engine.py): an existing run
+is refused without --resume or --overwrite, and --resume refuses changed settings, naming each;
+more epochs need `allow_change=("epochs",)` (the LR milestone then follows the new --epochs).
+Checkpoints are written atomically each epoch and every epoch's randomness is seeded from
+(seed, epoch), so --resume continues exactly (on the CPU) as pirl/pretrain.py does.
 """
 
 from __future__ import annotations
@@ -34,15 +37,17 @@ from tqdm import tqdm
 from pirl.data import ImageDataset, ImageList, embedded_root, list_images
 from pirl.engine import (
     RunDir,
-    atomic_torch_save,
     atomic_write_bytes,
+    epoch_loader,
+    epoch_seed,
+    param_groups,
     seed_everything,
     setup_distributed,
+    wrap_ddp,
 )
 from pirl.engine import world as runs_world
 from pirl.errors import UserError
 from pirl.features import IMAGENET_MEAN, IMAGENET_STD, center_crop_transform
-from pirl.pretrain import epoch_seed, param_groups, read_checkpoint
 from pirl.trunk import Trunk
 from pirl.weights import load_encoder
 
@@ -252,6 +257,8 @@ class LowshotConfig:
     device: str = "auto"
     num_workers: int = 2
     resume: bool = False
+    overwrite: bool = False
+    allow_change: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> LowshotConfig:
@@ -298,27 +305,6 @@ def load_data(cfg: LowshotConfig) -> tuple[ImageList, ImageList, Subset]:
     return train, val, subset
 
 
-def _loader(
-    dataset: torch.utils.data.Dataset,
-    batch: int,
-    shuffle: bool,
-    seed: int,
-    sampler: torch.utils.data.Sampler | None,
-    workers: int,
-    drop_last: bool = False,
-) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        generator=torch.Generator().manual_seed(seed),
-        num_workers=workers,
-        drop_last=drop_last,
-        pin_memory=torch.cuda.is_available(),
-    )
-
-
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -334,7 +320,14 @@ def predict(
     dataset = ImageDataset(take(images, mine), center_crop_transform(size))
     model.eval()
     chunks = []
-    for x, _, _ in _loader(dataset, batch, False, 0, None, workers):
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        generator=torch.Generator().manual_seed(0),
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+    for x, _, _ in loader:
         chunks.append(model(x.to(device, non_blocking=True)).float().cpu())
     logits = torch.cat(chunks) if chunks else torch.zeros(0, len(images.classes))
     if world > 1:
@@ -359,32 +352,9 @@ def _state(
     }
 
 
-# Fields that must match for --resume to continue the same run (epochs may be extended).
-RESUME_KEYS = (
-    "weights",
-    "data",
-    "percent",
-    "per_class",
-    "split_file",
-    "seed",
-    "batch_size",
-    "image_size",
-    "lr",
-    "head_lr",
-    "weight_decay",
-    "min_crop",
-)
-
-
-def _restore(
-    model: FineTuneNet, optimizer: torch.optim.Optimizer, path: Path, cfg: LowshotConfig
-) -> int:
-    ckpt = read_checkpoint(path)
-    saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
-    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(cfg, k)]
-    if changed:
-        diffs = ", ".join(f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise UserError(f"{path}: --resume with different settings ({diffs}); use another --out")
+def _restore(model: FineTuneNet, optimizer: torch.optim.Optimizer, run: RunDir) -> int:
+    """Load the run's checkpoint into model and optimizer; the epoch to continue from."""
+    ckpt = run.load_checkpoint()
     try:
         model.trunk.load_state_dict(ckpt["trunk"])
         model.fc.load_state_dict(ckpt["classifier"])
@@ -392,7 +362,19 @@ def _restore(
         return int(ckpt["epoch"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0]
-        raise UserError(f"{path}: cannot resume from this checkpoint ({first})") from None
+        raise UserError(
+            f"{run.path('checkpoint.pth')}: cannot resume from this checkpoint ({first})"
+        ) from None
+
+
+def run_settings(given: LowshotConfig, resolved: LowshotConfig) -> dict[str, Any]:
+    """config.json: the resolved options, but head_lr and milestones as given (None: derived
+    from lr and epochs), so a resume with an allowed new --lr or --epochs derives them afresh."""
+    return {
+        **dataclasses.asdict(resolved),
+        "head_lr": given.head_lr,
+        "milestones": given.milestones,
+    }
 
 
 def _optimizer(model: FineTuneNet, cfg: LowshotConfig) -> torch.optim.SGD:
@@ -407,26 +389,24 @@ def _optimizer(model: FineTuneNet, cfg: LowshotConfig) -> torch.optim.SGD:
 def finetune(cfg: LowshotConfig) -> dict[str, Any]:
     """Fine-tune one encoder on the subset, evaluate on val; rank 0 writes the run folder."""
     rank, world, device = setup_distributed(cfg.device)
-    cfg = cfg.resolved()
+    given, cfg = cfg, cfg.resolved()
     train, val, subset = load_data(cfg)
-    run = RunDir(cfg.out)
-    ckpt_path = run.path("checkpoint.pth")
-    if ckpt_path.exists() and not cfg.resume:
-        raise UserError(f"{ckpt_path}: a run exists here; pass --resume or choose another --out")
     encoder = load_encoder(cfg.weights, seed=cfg.seed)
+    run = RunDir(cfg.out)
+    run.start(
+        "transfer lowshot",
+        run_settings(given, cfg),
+        device,
+        resume=cfg.resume,
+        overwrite=cfg.overwrite,
+        allow_change=cfg.allow_change,
+        record={"encoder": encoder.source, "arch": encoder.arch, "width": encoder.width},
+    )
     torch.manual_seed(cfg.seed)
     model = FineTuneNet(encoder.trunk, len(train.classes)).to(device)
     optimizer = _optimizer(model, cfg)
-    start = _restore(model, optimizer, ckpt_path, cfg) if cfg.resume and ckpt_path.exists() else 0
+    start = _restore(model, optimizer, run) if cfg.resume else 0
     if rank == 0:
-        run.write_config(
-            {
-                **dataclasses.asdict(cfg),
-                "encoder": encoder.source,
-                "arch": encoder.arch,
-                "width": encoder.width,
-            }
-        )
         write_subset(run.path("subset.txt"), subset, train)
         log.info(
             "%s: %d training images (%s), %s per class",
@@ -435,32 +415,14 @@ def finetune(cfg: LowshotConfig) -> dict[str, Any]:
             subset.source,
             _count_summary(subset.counts),
         )
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    net = wrap_ddp(model, device)
     transform = train_transform(cfg.image_size, cfg.min_crop)
     dataset = ImageDataset(take(train, subset.indices), transform)
     per_rank = max(1, cfg.batch_size // world)
     criterion = nn.CrossEntropyLoss()
     for epoch in range(start, cfg.epochs):
         seed_everything(epoch_seed(cfg.seed, epoch, rank))
-        sampler = None
-        if world > 1:
-            sampler = torch.utils.data.DistributedSampler(
-                dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed
-            )
-            sampler.set_epoch(epoch)
-        loader = _loader(
-            dataset,
-            per_rank,
-            True,
-            epoch_seed(cfg.seed, epoch, rank),
-            sampler,
-            cfg.num_workers,
-            drop_last=len(dataset) > per_rank * world,
-        )
+        loader = epoch_loader(dataset, cfg.batch_size, cfg.seed, epoch, cfg.num_workers)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(epoch, cfg.milestones)
         net.train()
@@ -475,11 +437,7 @@ def finetune(cfg: LowshotConfig) -> dict[str, Any]:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = net(x)
             loss = criterion(logits, y)
-            if not torch.isfinite(loss):
-                raise UserError(
-                    f"{cfg.out}: loss became {loss.item()} at epoch {epoch + 1}; "
-                    f"stopped, last good checkpoint kept at {ckpt_path}"
-                )
+            run.check_finite(loss.item(), f"epoch {epoch + 1}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -489,7 +447,7 @@ def finetune(cfg: LowshotConfig) -> dict[str, Any]:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         seconds = time.perf_counter() - t0
         if rank == 0:
-            atomic_torch_save(_state(model, optimizer, epoch + 1, cfg), ckpt_path)
+            run.save_checkpoint(_state(model, optimizer, epoch + 1, cfg))
             run.append_metrics(
                 {
                     "epoch": epoch + 1,

@@ -9,7 +9,8 @@ the four layouts, probes on cached centre-crop features); with no --weights the 
 randomly initialised trunk (the floor) and, unless --no-pretrain, a PIRL model pretrained on
 the embedded set (pirl.pretrain.embedded_checkpoint: trained once into the cache, then reused).
 Writes OUT/table2.md and OUT/table2.csv (Method, Parameters, ImageNet, VOC07, Places205, iNat.)
-and one run folder per (method, benchmark) under OUT/runs.
+and one run folder per (method, benchmark) under OUT/runs. An OUT that already holds a table is
+refused before any compute unless build_table2 is given overwrite=True, which replaces its runs.
 """
 
 from __future__ import annotations
@@ -77,8 +78,12 @@ def build_table2(
     augment: bool | None = None,
     device: str = "auto",
     pretrain: bool = True,
+    overwrite: bool = False,
 ) -> tuple[pd.DataFrame, list[str]]:
-    """Run every (encoder, present benchmark) probe and write table2.md and table2.csv."""
+    """Run every (encoder, present benchmark) probe and write table2.md and table2.csv; an
+    existing table in `out` is refused up front (not at its first run folder, halfway) unless
+    overwrite, which replaces each run folder it writes."""
+    _check_out(out, weights, overwrite)
     notes: list[str] = []
     if data_root is None:
         benches = {b: None for b in BENCHMARKS}
@@ -108,6 +113,7 @@ def build_table2(
                     epochs=epochs,
                     augment=augment,
                     num_workers=0,
+                    overwrite=overwrite,
                 )
             )
     table = assemble(results)
@@ -123,6 +129,21 @@ def build_table2(
     lines += [f"- {n}" for n in notes]
     (out / "table2.md").write_text("\n".join(lines) + "\n")
     return table, notes
+
+
+def _check_out(out: Path, weights: list[str], overwrite: bool) -> None:
+    """Refuse, before any compute, an OUT holding a table and --weights naming one method twice
+    (either would stop the table halfway, at a run folder that already exists)."""
+    names = [method_and_path(w)[0] for w in weights]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"--weights: method {repeated[0]!r} given twice; use distinct NAME=PATH")
+    held = [p for p in (out / "table2.md", out / "table2.csv", out / "runs") if p.exists()]
+    if held and not overwrite:
+        raise UserError(
+            f"{out}: a Table 2 exists here ({held[0].name}); pass --overwrite to replace it, "
+            "or choose another --out"
+        )
 
 
 @click.command()
