@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp"}
 EMBEDDED_VERSION = "embedded-v2"
+# Pillow's decompression-bomb limit (2 x 89.5 M pixels). We enforce it ourselves, before
+# decoding, so that it is one clear error (or a skipped image) and so a user can raise it.
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+MAX_PIXELS_ENV = "PIRL_TOOLS_MAX_PIXELS"
+Image.MAX_IMAGE_PIXELS = None  # load_image checks max_pixels() instead
+SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
 @dataclass
@@ -67,14 +73,49 @@ def list_images(root: str | Path) -> ImageList:
     return ImageList(root, paths, labels, classes)
 
 
+def max_pixels() -> int:
+    """The largest image (width x height) decoded: $PIRL_TOOLS_MAX_PIXELS or Pillow's bomb
+    limit. An environment variable, so that DataLoader workers see what the command set."""
+    value = os.environ.get(MAX_PIXELS_ENV, "")
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise UserError(f"{MAX_PIXELS_ENV}={value!r}: expected a positive number of pixels")
+    return limit
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any source mode: 16-bit grey scaled (65535 -> 255) instead of clipped to
+    white, palette transparency resolved through RGBA, alpha dropped, CMYK and grey converted."""
+    if img.mode in SIXTEEN_BIT:
+        grey = np.asarray(img, dtype=np.float64).clip(0, 65535) / 257.0
+        return Image.fromarray(grey.round().astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
 def load_image(path: Path) -> Image.Image:
-    """Decode fully (so truncation is caught here) and name the file on any failure."""
+    """Decode fully (so truncation is caught here) to 8-bit RGB; any unreadable, empty,
+    truncated or oversized file is a UserError naming it."""
     try:
         with Image.open(path) as img:
+            pixels, limit = img.width * img.height, max_pixels()
+            if pixels > limit:
+                raise UserError(
+                    f"{path}: {img.width}x{img.height} image ({pixels / 1e6:.0f} M pixels) is "
+                    f"over the limit of {limit / 1e6:.0f} M (a decompression bomb?); raise it "
+                    f"with {MAX_PIXELS_ENV} if the image is genuine"
+                )
             img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable image ({exc})") from None
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise UserError(f"{path}: unreadable image ({reason})") from None
 
 
 class ImageDataset(torch.utils.data.Dataset):

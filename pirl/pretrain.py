@@ -472,6 +472,11 @@ def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
             loss_sum += value * len(idx)
             rate = seen * world_size / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.0f}")
+        if seen == 0:  # before any checkpoint: an epoch with nothing learned is not saved
+            raise UserError(
+                f"{cfg.data}: no readable image in epoch {epoch + 1} ({skipped} skipped of "
+                f"{len(images)}); nothing to train on"
+            )
         trainer.epoch += 1
         seconds = time.perf_counter() - t0
         if rank == 0:
