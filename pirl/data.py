@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("P", "PA"):
         img = img.convert("RGBA")
     return img.convert("RGB")
+
+
+def require_files(paths: Sequence[Path], listing: str | Path, shown: int = 3) -> None:
+    """Every image a split lists must exist before any compute: one line counting the missing
+    ones and naming the first few (a worker's traceback hours in is the alternative)."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        names = ", ".join(str(p) for p in missing[:shown])
+        more = f" and {len(missing) - shown} more" if len(missing) > shown else ""
+        raise UserError(
+            f"{listing}: {len(missing)} of {len(paths)} listed images are missing: {names}{more}"
+        )
 
 
 def load_image(path: Path) -> Image.Image:

@@ -37,6 +37,9 @@ def test_voc_reads_devkit_flags_and_root_variants(tmp_path):
     (main / "test.txt").write_text("000001\n000002\n000003\n")
     (main / "cat_test.txt").write_text("000001  1\n000002  0\n000003 -1\n")
     (main / "dog_test.txt").write_text("000003  1\n000001 -1\n000002 -1\n")
+    (tmp_path / "VOC2007" / "JPEGImages").mkdir()
+    for i in (1, 2, 3):
+        (tmp_path / "VOC2007" / "JPEGImages" / f"00000{i}.jpg").touch()
     split = load_split("voc07", tmp_path, "test")
     assert split.classes == ["cat", "dog"]
     np.testing.assert_array_equal(split.labels, [[1, -1], [0, -1], [-1, 1]])
@@ -116,3 +119,21 @@ def test_voc_labels_reads_vissl_files_back_into_the_devkit_encoding(roots):
         voc_labels(devkit, "vissl")
     with pytest.raises(UserError, match="unknown label encoding"):
         voc_labels(devkit, "pascal")
+
+
+@pytest.mark.parametrize("benchmark", ["voc07", "places205", "inat18"])
+def test_missing_listed_images_are_counted_before_any_compute(roots, tmp_path, benchmark):
+    """Every image a split lists must exist: all missing counted, the first three named (an
+    ImageNet folder lists only the files that are there)."""
+    import shutil
+
+    shutil.copytree(roots[benchmark], tmp_path / benchmark)
+    split = SPLITS[benchmark][1]
+    listed = load_split(benchmark, tmp_path / benchmark, split).paths
+    for p in listed[:5]:
+        p.unlink()
+    with pytest.raises(UserError) as info:
+        load_split(benchmark, tmp_path / benchmark, split)
+    message = str(info.value)
+    assert f"5 of {len(listed)} listed images are missing: {listed[0]}, " in message
+    assert message.endswith(" and 2 more") and "\n" not in message

@@ -304,3 +304,22 @@ def test_cli_errors_are_one_line(tmp_path):
     assert res.exit_code == 2 and "error:" in res.output and "nope" in res.output
     with pytest.raises(UserError, match="no results.json"):
         assemble_table1([tmp_path])
+
+
+def test_missing_voc_images_are_counted_before_training(tmp_path):
+    """All missing JPEGs of a split in one line, before any model is built."""
+    import shutil
+
+    devkit = tmp_path / "VOCdevkit"
+    shutil.copytree(build_embedded_voc(n_trainval=2, n_test=5, size=64, seed=4), devkit)
+    jpegs = sorted((devkit / "VOC2007" / "JPEGImages").glob("*.jpg"))
+    test_ids = (devkit / "VOC2007" / "ImageSets" / "Main" / "test.txt").read_text().split()
+    gone = [devkit / "VOC2007" / "JPEGImages" / f"{i}.jpg" for i in test_ids[:4]]
+    for p in gone:
+        p.unlink()
+    assert len(jpegs) == 7
+    with pytest.raises(UserError) as info:
+        read_voc_set(devkit, "2007", "test")
+    assert str(info.value).startswith(f"{devkit / 'VOC2007' / 'ImageSets' / 'Main' / 'test.txt'}")
+    assert f"4 of 5 listed images are missing: {gone[0]}, " in str(info.value)
+    assert str(info.value).endswith(" and 1 more")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pirl.data import list_images
+from pirl.data import list_images, require_files
 from pirl.errors import UserError
 
 BENCHMARKS = ("voc07", "imagenet", "places205", "inat18")
@@ -214,7 +214,9 @@ def load_split(benchmark: str, root: str | Path, split: str) -> Split:
     reader = {"voc07": voc07, "imagenet": _imagenet, "places205": _places205, "inat18": _inat18}[
         benchmark
     ]
-    return reader(root, split)
+    data = reader(root, split)
+    require_files(data.paths, f"{root} ({benchmark} {split})")
+    return data
 
 
 def build_embedded(

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from pirl.data import cached_folder, load_image
+from pirl.data import cached_folder, load_image, require_files
 from pirl.errors import UserError
 from transfer.voc_ap import GroundTruth, evaluate, read_devkit_detections
 
@@ -123,12 +123,12 @@ def read_voc_set(
     ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
     if not ids:
         raise UserError(f"{listing}: empty split list")
+    if need_images:
+        require_files([base / "JPEGImages" / f"{i}.jpg" for i in ids], listing)
     images = []
     for image_id in ids:
         xml = base / "Annotations" / f"{image_id}.xml"
         jpg = base / "JPEGImages" / f"{image_id}.jpg"
-        if need_images and not jpg.exists():
-            raise UserError(f"{jpg}: image listed in {listing.name} does not exist")
         width, height, objects = parse_annotation(xml)
         images.append(VocImage(image_id, jpg, xml, width, height, objects))
     return images
