@@ -134,6 +134,8 @@ class PretrainConfig:
     bank_dtype: str = "float32"
     skip_bad_images: bool = False
     resume: bool = False
+    overwrite: bool = False  # replace a run already in `out`
+    allow_change: tuple[str, ...] = ()  # settings that may differ from config.json on resume
     # kNN monitor: every eval_every epochs (0: never), top-1 of the trunk on val_data/val with
     # val_data/train as the labelled neighbours (the embedded set's split by default).
     eval_every: int | None = None

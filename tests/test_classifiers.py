@@ -233,7 +233,7 @@ def bench_roots(tmp_path_factory):
 def _cli(args):
     from click.testing import CliRunner
 
-    from pirl.cli import main
+    from pirl_tools.main import main
 
     return CliRunner().invoke(main, args)
 

@@ -8,10 +8,11 @@ from click.testing import CliRunner
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from pirl.cli import main
 from pirl.errors import UserError
 from pirl.trunk import build_trunk
 from pirl.weights import from_detectron2, save_torchvision
+from pirl_tools.main import main
+from pirl_tools.transfer import detection, parse_sizes, table1
 from transfer.detection import (
     C4RoIAlign,
     DetectionConfig,
@@ -24,7 +25,6 @@ from transfer.detection import (
     table1_markdown,
     write_detectron2_handover,
 )
-from transfer.detection_cli import detection, parse_sizes, table1
 from transfer.voc_ap import evaluate
 from transfer.voc_detection import (
     VocDetectionDataset,
@@ -181,7 +181,7 @@ def test_default_schedule_is_vissls_pirl_voc0712_for_both_backends(tmp_path, mon
 
     seen = []
     monkeypatch.setattr(transfer.detection, "run_detection", lambda cfg: seen.append(cfg) or {})
-    res = CliRunner().invoke(detection, ["--voc-root", str(tmp_path), "--out", str(tmp_path)])
+    res = CliRunner().invoke(detection, ["--data", str(tmp_path), "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     sched = seen[0].schedule  # what the torchvision backend trains with
     assert sched == Schedule()
@@ -207,7 +207,7 @@ def test_tiny_end_to_end_resume_and_rescore(tmp_path):
     devkit = build_embedded_voc(n_trainval=4, n_test=3, size=64, seed=1)
     weights = save_torchvision(_randomised_trunk().state_dict(), tmp_path / "enc.pth")
     out = tmp_path / "run"
-    args = ["--voc-root", str(devkit), "--weights", f"tiny={weights}", "--out", str(out),
+    args = ["--data", str(devkit), "--weights", f"tiny={weights}", "--out", str(out),
             "--train-sets", "2007/trainval", "--batch-size", "2", "--train-sizes", "64",
             "--test-size", "64", "--max-size", "64", "--roi-batch-size", "8",
             "--proposals", "20,8", "--num-workers", "0", "--device", "cpu",
@@ -223,7 +223,7 @@ def test_tiny_end_to_end_resume_and_rescore(tmp_path):
     assert config["schedule"]["iters"] == 2 and config["name"] == "tiny"
     assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == 2
     # The devkit files written by the run score to the same numbers through the CLI.
-    res = CliRunner().invoke(main, ["eval", "voc-detections", "--voc-root", str(devkit),
+    res = CliRunner().invoke(main, ["eval", "voc-detections", "--data", str(devkit),
                                     "--detections", str(out / "detections")])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert f"AP50 {results['AP50']:.1f}" in res.output
@@ -271,7 +271,7 @@ def test_detect_returns_devkit_coordinates_a_perfect_detector_scores_100():
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    res = CliRunner().invoke(main, ["eval", "voc-detections", "--voc-root", str(tmp_path / "nope"),
+    res = CliRunner().invoke(main, ["eval", "voc-detections", "--data", str(tmp_path / "nope"),
                                     "--detections", str(tmp_path)])  # fmt: skip
     assert res.exit_code == 2 and "error:" in res.output and "nope" in res.output
     with pytest.raises(UserError, match="no results.json"):

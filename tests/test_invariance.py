@@ -14,13 +14,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from analysis.invariance import BINS, JigsawPatches, invariance_distances, to_cell_order
-from pirl.cli import main
 from pirl.data import list_images
 from pirl.features import pool_grid
 from pirl.heads import PirlHeads
 from pirl.jigsaw import JigsawGeometry
 from pirl.jigsaw_pretext import JigsawHead, hamming_permutations
 from pirl.trunk import build_trunk
+from pirl_tools.main import main
 from tests.conftest import write_image_folder
 
 

@@ -18,6 +18,7 @@ from pirl.data import list_images
 from pirl.errors import UserError
 from pirl.tables import markdown_table
 from pirl.weights import load_encoder
+from pirl_tools.transfer import lowshot
 from transfer.lowshot import (
     FineTuneNet,
     LowshotConfig,
@@ -29,7 +30,6 @@ from transfer.lowshot import (
     topk_accuracy,
     write_subset,
 )
-from transfer.lowshot_cli import lowshot
 from transfer.table3 import read_runs, table3
 
 SIZES = {0: 37, 1: 25, 2: 6, 3: 14}  # uneven on purpose: 25 at 10% is the half-up case

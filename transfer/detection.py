@@ -244,6 +244,8 @@ class DetectionConfig:
     num_workers: int = 4
     checkpoint_every: int = 2500
     resume: bool = False
+    overwrite: bool = False  # replace a run already in `out`
+    allow_change: tuple[str, ...] = ()  # settings that may differ from config.json on resume
     backend: str = "torchvision"
 
 

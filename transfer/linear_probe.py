@@ -112,6 +112,7 @@ def run_linear(
     image_size: int | None = None,
     augment: bool = True,
     feature_dtype: str = "float16",
+    overwrite: bool = False,
 ) -> dict:
     """Run one Table 2 benchmark for one encoder; write config/results/row when `out` is set.
 

@@ -252,6 +252,8 @@ class LowshotConfig:
     device: str = "auto"
     num_workers: int = 2
     resume: bool = False
+    overwrite: bool = False  # replace a run already in `out`
+    allow_change: tuple[str, ...] = ()  # settings that may differ from config.json on resume
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> LowshotConfig:
