@@ -46,12 +46,12 @@ table_deps = $(STAMP) $(if $(WEIGHTS),,$(DEMO_CKPT))
 table1: $(table_deps)
 	for w in $(table_weights); do \
 	  $(BIN)/pirl-tools transfer detection --weights $$w --out $(OUT)/detection/$${w%%=*} \
-	    $(if $(DATA_ROOT),--voc-root $(DATA_ROOT)/VOCdevkit) || exit 1; \
+	    $(if $(DATA_ROOT),--data $(DATA_ROOT)/VOCdevkit) || exit 1; \
 	done
 	$(BIN)/pirl-tools transfer table1 $(OUT)/detection/* --out $(OUT)/tables
 
 table2: $(STAMP)
-	$(BIN)/python -m transfer.table2 $(weights_flags) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) --out $(OUT)/table2
+	$(BIN)/pirl-tools transfer table2 $(weights_flags) $(if $(DATA_ROOT),--data $(DATA_ROOT)) --out $(OUT)/table2
 
 table3: $(table_deps)
 	$(BIN)/pirl-tools transfer lowshot $(foreach w,$(or $(WEIGHTS),pirl=$(DEMO_CKPT)),--weights $(w)) \
@@ -72,10 +72,10 @@ paper-small: $(STAMP)
 	  $(BIN)/pirl-tools pretrain --method $$m --out $(PAPER_SMALL)/$$m \
 	    $$( [ $$m = jigsaw ] && echo --num-permutations 100 ) || exit 1; \
 	done
-	$(BIN)/python -m transfer.table2 $(small_weights) --weights random=random:resnet18@0.25 \
+	$(BIN)/pirl-tools transfer table2 $(small_weights) --weights random=random:resnet18@0.25 \
 	  --out $(PAPER_SMALL)/table2
 	for layer in conv1 res2 res3 res4 res5; do \
-	  $(BIN)/python -m transfer.table2 $(small_weights) --weights random=random:resnet18@0.25 \
+	  $(BIN)/pirl-tools transfer table2 $(small_weights) --weights random=random:resnet18@0.25 \
 	    --layer $$layer --out $(PAPER_SMALL)/layers/$$layer || exit 1; \
 	done
 	$(BIN)/pirl-tools analyze invariance $(small_weights) --out $(PAPER_SMALL)/invariance
