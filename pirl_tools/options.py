@@ -175,7 +175,8 @@ def read_config(path: str) -> dict[str, Any]:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise UserError(f"--config {path}: not valid YAML ({exc})".replace("\n", " ")) from None
+            why = " ".join(str(exc).split())
+            raise UserError(f"--config {path}: not valid YAML ({why})") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of option names to values")
     return data

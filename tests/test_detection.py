@@ -1,3 +1,4 @@
+import dataclasses
 import importlib.util
 import json
 import pickle
@@ -203,7 +204,7 @@ def test_detectron2_backend_missing_says_how_to_install(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_tiny_end_to_end_resume_and_rescore(tmp_path):
+def test_tiny_end_to_end_resume_and_rescore(tmp_path, monkeypatch):
     devkit = build_embedded_voc(n_trainval=4, n_test=3, size=64, seed=1)
     weights = save_torchvision(_randomised_trunk().state_dict(), tmp_path / "enc.pth")
     out = tmp_path / "run"
@@ -222,6 +223,19 @@ def test_tiny_end_to_end_resume_and_rescore(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["schedule"]["iters"] == 2 and config["name"] == "tiny"
     assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    # Its config.json, read back with --config, is the same run in another folder.
+    import transfer.detection
+
+    seen = []
+    with monkeypatch.context() as m:
+        m.setattr(transfer.detection, "run_detection", lambda cfg: seen.append(cfg) or {})
+        again = ["--config", str(out / "config.json"), "--out", str(tmp_path / "again")]
+        res = CliRunner().invoke(detection, again, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    asked = json.loads(json.dumps(dataclasses.asdict(seen[0])))  # tuples as config.json has them
+    assert {**asked, "out": str(out)} == {
+        k: v for k, v in config.items() if k not in ("weights_source", "classes", "world_size")
+    }
     # The devkit files written by the run score to the same numbers through the CLI.
     res = CliRunner().invoke(main, ["eval", "voc-detections", "--data", str(devkit),
                                     "--detections", str(out / "detections")])  # fmt: skip

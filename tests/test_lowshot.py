@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -275,7 +276,7 @@ def test_resume_continues_exactly(photos, tmp_path):
 # --------------------------------------------------------------------------- CLI and Table 3
 
 
-def test_cli_writes_runs_subset_and_table(photos, trained, tmp_path):
+def test_cli_writes_runs_subset_and_table(photos, trained, tmp_path, monkeypatch):
     out, _ = trained
     args = [
         "--weights",
@@ -312,7 +313,27 @@ def test_cli_writes_runs_subset_and_table(photos, trained, tmp_path):
     assert res["short_classes"]["coffee"] == {"asked": 200, "available": 45}
     assert json.loads((run / "config.json").read_text())["lr"] == 0.01
     md = (tmp_path / "runs" / "table3.md").read_text()
-    assert "| Method | 10% |" in md and "| mine |" in md and "| random |" in md
+    assert "| Method | 10% |" in md and "| mine |" in md and "| random:resnet18@0.125 |" in md
+    # A run's config.json, read back with --config, asks for the same fine-tuning.
+    import transfer.lowshot
+
+    seen = []
+
+    def capture(cfg):
+        seen.append(cfg)
+        raise UserError("stop after the first configuration")
+
+    with monkeypatch.context() as m:
+        m.setattr(transfer.lowshot, "finetune", capture)
+        CliRunner().invoke(lowshot, ["--config", str(run / "config.json")])
+    asked = dataclasses.asdict(seen[0])
+    recorded = json.loads((run / "config.json").read_text())
+    for key in ("encoder", "arch", "width", "out"):
+        recorded.pop(key)
+    assert {k: v for k, v in asked.items() if k != "out"} == {
+        **recorded,
+        "allow_change": tuple(recorded["allow_change"]),
+    }
     bad = tmp_path / "bad.txt"
     bad.write_text("coffee/nope.png\n")
     result = CliRunner().invoke(
