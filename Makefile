@@ -1,4 +1,5 @@
-# One entry point per job; every target sets up .venv itself when missing.
+# One entry point per job; every target sets up .venv itself when missing, and a table target
+# run again replaces its previous run folders (--overwrite).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -45,20 +46,20 @@ table_deps = $(STAMP) $(if $(WEIGHTS),,$(DEMO_CKPT))
 
 table1: $(table_deps)
 	for w in $(table_weights); do \
-	  $(BIN)/pirl-tools transfer detection --weights $$w --out $(OUT)/detection/$${w%%=*} \
-	    $(if $(DATA_ROOT),--voc-root $(DATA_ROOT)/VOCdevkit) || exit 1; \
+	  $(BIN)/pirl-tools transfer detection --weights $$w --out $(OUT)/detection/$${w%%=*} --overwrite \
+	    $(if $(DATA_ROOT),--data $(DATA_ROOT)/VOCdevkit) || exit 1; \
 	done
 	$(BIN)/pirl-tools transfer table1 $(OUT)/detection/* --out $(OUT)/tables
 
 table2: $(STAMP)
-	$(BIN)/python -m transfer.table2 $(weights_flags) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) --out $(OUT)/table2
+	$(BIN)/pirl-tools transfer table2 $(weights_flags) $(if $(DATA_ROOT),--data $(DATA_ROOT)) --out $(OUT)/table2 --overwrite
 
 table3: $(table_deps)
 	$(BIN)/pirl-tools transfer lowshot $(foreach w,$(or $(WEIGHTS),pirl=$(DEMO_CKPT)),--weights $(w)) \
-	  $(if $(DATA_ROOT),--data $(DATA_ROOT)/imagenet) --out $(OUT)/lowshot
+	  $(if $(DATA_ROOT),--data $(DATA_ROOT)/imagenet) --out $(OUT)/lowshot --overwrite
 
 invariance: $(STAMP)
-	$(BIN)/pirl-tools analyze invariance $(weights_flags) $(if $(DATA_ROOT),--data $(DATA_ROOT)/imagenet/val) --out $(OUT)/invariance
+	$(BIN)/pirl-tools analyze invariance $(weights_flags) $(if $(DATA_ROOT),--data $(DATA_ROOT)/imagenet/val) --out $(OUT)/invariance --overwrite
 
 # The paper's findings, small: PIRL, NPID++ and Jigsaw pretrained on the embedded set with the
 # same recipe and budget, then Table 2, linear probes per layer, invariance, and report.md.
@@ -72,10 +73,10 @@ paper-small: $(STAMP)
 	  $(BIN)/pirl-tools pretrain --method $$m --out $(PAPER_SMALL)/$$m \
 	    $$( [ $$m = jigsaw ] && echo --num-permutations 100 ) || exit 1; \
 	done
-	$(BIN)/python -m transfer.table2 $(small_weights) --weights random=random:resnet18@0.25 \
+	$(BIN)/pirl-tools transfer table2 $(small_weights) --weights random=random:resnet18@0.25 \
 	  --out $(PAPER_SMALL)/table2
 	for layer in conv1 res2 res3 res4 res5; do \
-	  $(BIN)/python -m transfer.table2 $(small_weights) --weights random=random:resnet18@0.25 \
+	  $(BIN)/pirl-tools transfer table2 $(small_weights) --weights random=random:resnet18@0.25 \
 	    --layer $$layer --out $(PAPER_SMALL)/layers/$$layer || exit 1; \
 	done
 	$(BIN)/pirl-tools analyze invariance $(small_weights) --out $(PAPER_SMALL)/invariance

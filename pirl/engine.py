@@ -257,9 +257,10 @@ class RunDir:
                 raise UserError(f"{ckpt}: nothing to resume (no checkpoint)")
             self._check_resume(config, allow_change)
         elif any(self.path(n).exists() for n in RUN_FILES) and not overwrite:
+            cont = "--resume to continue it, " if ckpt.exists() else ""
             raise UserError(
-                f"{self.root}: a {command} run exists here; pass --resume to continue it, "
-                "--overwrite to replace it, or choose another --out"
+                f"{self.root}: a {command} run exists here; pass {cont}--overwrite to replace "
+                "it, or choose another --out"
             )
 
     def start(

@@ -22,3 +22,26 @@ def markdown_table(df: pd.DataFrame, digits: int = 1) -> str:
     rule = "|" + "|".join("---:" if n else "---" for n in numeric) + "|"
     body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, rule, *body]) + "\n"
+
+
+def comparison(method: str, results: dict[str, Any]) -> str:
+    """The embedded pretraining against an untrained trunk of its architecture, as the short
+    table the demo ends on."""
+    name = {"pirl": "PIRL", "npid": "NPID++", "jigsaw": "Jigsaw"}[method]
+    rows = [
+        (label, results[key], results[f"random_{key}"])
+        for label, key in (
+            ("kNN top-1 (k=20), %", "knn_top1"),  # absent with --eval-every 0
+            ("linear probe res5 top-1, %", "linear_top1"),
+        )
+        if key in results
+    ]
+    return "\n".join(
+        [
+            "held-out embedded split:",
+            f"{'':<28}{name:>8}{'untrained':>11}",
+            *(f"{label:<28}{ours:>8.1f}{random:>11.1f}" for label, ours, random in rows),
+            f"final training loss {results['final_loss']:.3f} "
+            f"(chance level {results['chance_loss']:.3f})",
+        ]
+    )

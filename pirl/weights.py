@@ -526,3 +526,39 @@ def load_encoder(
         f"{identity}:{parsed.format}:{arch}@{width:g}",
         parsed.unmapped_heads,
     )
+
+
+def _heads_line(enc: Encoder) -> str:
+    if enc.heads is not None:
+        return "f, g (PIRL projection heads)"
+    if enc.unmapped_heads:
+        shown = ", ".join(enc.unmapped_heads[:3])
+        return f"present but not PIRL's f and g ({len(enc.unmapped_heads)} tensors: {shown}, ...)"
+    return "none"
+
+
+def describe(enc: Encoder) -> list[str]:
+    """The facts a user checks before trusting a checkpoint in an evaluation."""
+    memory = f"{enc.memory_size} entries" if enc.memory_size is not None else "none"
+    return [
+        f"file: {enc.source}",
+        f"format: {enc.format}",
+        f"architecture: {enc.arch} (width {enc.width:g})",
+        f"parameters: {enc.num_params}",
+        f"heads: {_heads_line(enc)}",
+        f"memory bank: {memory}",
+    ]
+
+
+_D2_DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
+
+
+def detectron2_config(enc: Encoder) -> str:
+    """The detectron2 settings under which torchvision-style weights mean what they meant."""
+    ch = enc.trunk.channels
+    return (
+        f"MODEL.RESNETS.DEPTH {_D2_DEPTH[enc.arch]} MODEL.RESNETS.STEM_OUT_CHANNELS {ch['conv1']} "
+        f"MODEL.RESNETS.RES2_OUT_CHANNELS {ch['res2']} MODEL.RESNETS.WIDTH_PER_GROUP {ch['conv1']} "
+        "MODEL.RESNETS.STRIDE_IN_1X1 False INPUT.FORMAT RGB "
+        "MODEL.PIXEL_MEAN [123.675,116.28,103.53] MODEL.PIXEL_STD [58.395,57.12,57.375]"
+    )

@@ -233,7 +233,7 @@ def bench_roots(tmp_path_factory):
 def _cli(args):
     from click.testing import CliRunner
 
-    from pirl.cli import main
+    from pirl_tools.main import main
 
     return CliRunner().invoke(main, args)
 
@@ -270,7 +270,7 @@ def test_cli_voc07_writes_run_folder_and_reuses_features(bench_roots, tmp_path):
     cached = sorted((tmp_path / "cache" / "features").glob("*.npy"))
     assert len(cached) == 2  # trainval and test
     # the same probe again is served from the cache, with the same numbers
-    assert _cli(args).exit_code == 0
+    assert _cli([*args, "--overwrite"]).exit_code == 0
     again = json.loads((tmp_path / "run" / "results.json").read_text())
     assert again["value"] == results["value"]
     assert sorted((tmp_path / "cache" / "features").glob("*.npy")) == cached
@@ -371,12 +371,12 @@ def test_cli_linear_probe_on_imagefolder_and_user_errors(bench_roots, tmp_path):
                 "--device",
                 "cpu",
                 "--out",
-                str(tmp_path / "run"),
+                str(tmp_path / "run" / extra[0]),
                 *extra,
             ]
         )
         assert res.exit_code == 0, res.output
-        results = json.loads((tmp_path / "run" / "results.json").read_text())
+        results = json.loads((tmp_path / "run" / extra[0] / "results.json").read_text())
         assert 0 <= results["top1"] <= results["top5"] <= 100
         assert results["epochs"] == 2 and results["milestones"] == [1]
     res = _cli(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from pirl.cli import main
+from pirl_tools.main import main
 
 
 def test_pretrain_missing_folder_is_one_line(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_embedded_comparison_adds_linear_probes_and_prints_a_table(
     probes equal to `transfer linear` on the same split."""
     import json
 
-    from pirl.cli import comparison
+    from pirl.tables import comparison
     from transfer.linear_probe import probe_against_untrained, run_linear
 
     split = tmp_path / "split"
@@ -108,3 +108,85 @@ def test_embedded_comparison_adds_linear_probes_and_prints_a_table(
     ]
     assert table[3].split()[-1] == f"{results['random_linear_top1']:.1f}"
     assert table[4].startswith("final training loss")
+
+
+def test_help_imports_nothing_heavy() -> None:
+    """`pirl-tools --help` and `pirl-tools transfer --help` answer without torch & co."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pirl_tools.main import main\n"
+        "for args in (['--help'], ['transfer', '--help']):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = ('torch', 'torchvision', 'numpy', 'pandas', 'sklearn', 'faiss', 'matplotlib')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "table2" in out.stdout and "table3" in out.stdout
+    assert out.stdout.strip().endswith("[]")
+
+
+def test_version_names_torch() -> None:
+    import torch
+
+    from pirl_tools import __version__
+
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.startswith(f"pirl-tools {__version__} (torch {torch.__version__}")
+
+
+def test_weights_name_keeps_a_random_spec_whole(tmp_path: Path) -> None:
+    from pirl_tools.options import parse_weights
+
+    ckpt = tmp_path / "mine.pth"
+    ckpt.write_bytes(b"")
+    assert parse_weights("random:resnet18@0.25") == ("random:resnet18@0.25", "random:resnet18@0.25")
+    assert parse_weights(str(ckpt)) == ("mine", str(ckpt))
+    assert parse_weights("a=random:resnet18@0.25") == ("a", "random:resnet18@0.25")
+
+
+def test_table3_user_error_exits_2_with_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["transfer", "table3", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert result.output == f"error: {tmp_path / 'nope'}: run folder does not exist\n"
+
+
+def test_config_unknown_key_names_file_and_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 1\nepoch: 2\n")
+    result = CliRunner().invoke(main, ["pretrain", "--config", str(cfg)])
+    assert result.exit_code == 2
+    assert result.output == f"error: --config {cfg}: unknown key 'epoch' for `pretrain`\n"
+
+
+def test_pretrain_config_json_reads_back_as_config(tiny_folder: Path, tmp_path: Path) -> None:
+    """A run folder's config.json repeats the run: the same loss, flags still override."""
+    import csv
+    import json
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = ["pretrain", "--data", str(tiny_folder), "--arch", "resnet18", "--width", "0.125"]
+    args += ["--image-size", "32", "--epochs", "1", "--batch-size", "8", "--num-negatives", "16"]
+    args += ["--num-workers", "0", "--device", "cpu", "--momentum", "0.8", "--embed-dim", "32"]
+    result = CliRunner().invoke(main, [*args, "--out", str(first)])
+    assert result.exit_code == 0, result.output
+    again = ["pretrain", "--config", str(first / "config.json"), "--out", str(second)]
+    result = CliRunner().invoke(main, again)
+    assert result.exit_code == 0, result.output
+    configs = [json.loads((run / "config.json").read_text()) for run in (first, second)]
+    assert {**configs[0], "out": ""} == {**configs[1], "out": ""}
+    assert configs[1]["momentum"] == 0.8 and configs[1]["embed_dim"] == 32
+    losses = [
+        [row["loss"] for row in csv.DictReader((run / "metrics.csv").open())]
+        for run in (first, second)
+    ]
+    assert losses[0] == losses[1]
+    assert json.loads((first / "results.json").read_text()) == json.loads(
+        (second / "results.json").read_text()
+    )

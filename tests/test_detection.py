@@ -9,10 +9,11 @@ from click.testing import CliRunner
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from pirl.cli import main
 from pirl.errors import UserError
 from pirl.trunk import build_trunk
 from pirl.weights import from_detectron2, save_torchvision
+from pirl_tools.main import main
+from pirl_tools.transfer import parse_sizes, table1
 from transfer.detection import (
     C4RoIAlign,
     DetectionConfig,
@@ -25,7 +26,6 @@ from transfer.detection import (
     table1_markdown,
     write_detectron2_handover,
 )
-from transfer.detection_cli import parse_sizes, table1
 from transfer.voc_ap import evaluate
 from transfer.voc_detection import (
     VocDetectionDataset,
@@ -245,7 +245,7 @@ def test_tiny_end_to_end_resume_and_rescore(tmp_path):
     assert json.loads((out / "run.json").read_text())["command"] == "transfer detection"
     assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 2
     # The devkit files written by the run score to the same numbers through the CLI.
-    res = CliRunner().invoke(main, ["eval", "voc-detections", "--voc-root", str(devkit),
+    res = CliRunner().invoke(main, ["eval", "voc-detections", "--data", str(devkit),
                                     "--detections", str(out / "detections")])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert f"AP50 {results['AP50']:.1f}" in res.output
@@ -299,7 +299,7 @@ def test_detect_returns_devkit_coordinates_a_perfect_detector_scores_100():
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    res = CliRunner().invoke(main, ["eval", "voc-detections", "--voc-root", str(tmp_path / "nope"),
+    res = CliRunner().invoke(main, ["eval", "voc-detections", "--data", str(tmp_path / "nope"),
                                     "--detections", str(tmp_path)])  # fmt: skip
     assert res.exit_code == 2 and "error:" in res.output and "nope" in res.output
     with pytest.raises(UserError, match="no results.json"):

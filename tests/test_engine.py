@@ -38,10 +38,14 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path: Path) -> None:
     run.append_metrics({"epoch": 1})
     with pytest.raises(UserError) as err:
         run.start("transfer lowshot", CONFIG, CPU)
-    assert "a transfer lowshot run exists here; pass --resume" in _one_line(err)
+    assert "a transfer lowshot run exists here; pass --overwrite" in _one_line(err)
     with pytest.raises(UserError) as err:
         run.start("transfer lowshot", CONFIG, CPU, resume=True)
     assert "checkpoint.pth: nothing to resume" in _one_line(err)
+    run.save_checkpoint({"epoch": 1})  # a run with a checkpoint can also be continued
+    with pytest.raises(UserError) as err:
+        run.start("transfer lowshot", CONFIG, CPU)
+    assert "exists here; pass --resume to continue it, --overwrite to replace" in _one_line(err)
     run.start("transfer lowshot", {**CONFIG, "lr": 0.2}, CPU, overwrite=True)
     assert not run.path("metrics.csv").exists()
     assert json.loads(run.path("config.json").read_text())["lr"] == 0.2

@@ -22,13 +22,13 @@ from analysis.invariance import (
     invariance_distances,
     to_cell_order,
 )
-from pirl.cli import main
 from pirl.data import cache_dir, list_images
 from pirl.features import pool_grid
 from pirl.heads import PirlHeads
 from pirl.jigsaw import JigsawGeometry
 from pirl.jigsaw_pretext import JigsawHead, hamming_permutations
 from pirl.trunk import build_trunk
+from pirl_tools.main import main
 from tests.conftest import write_image_folder
 
 

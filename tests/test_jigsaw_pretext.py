@@ -10,7 +10,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pirl.cli import main
 from pirl.jigsaw import JigsawGeometry, unshuffle
 from pirl.jigsaw_pretext import (
     JigsawHead,
@@ -23,6 +22,7 @@ from pirl.jigsaw_pretext import (
 from pirl.safe_load import read_checkpoint
 from pirl.trunk import build_trunk
 from pirl.weights import load_encoder
+from pirl_tools.main import main
 
 
 def test_default_set_has_1000_distinct_permutations_and_is_deterministic() -> None:

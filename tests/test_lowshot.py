@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -18,6 +19,7 @@ from pirl.data import list_images
 from pirl.errors import UserError
 from pirl.tables import markdown_table
 from pirl.weights import load_encoder
+from pirl_tools.transfer import lowshot
 from transfer.lowshot import (
     FineTuneNet,
     LowshotConfig,
@@ -29,7 +31,6 @@ from transfer.lowshot import (
     topk_accuracy,
     write_subset,
 )
-from transfer.lowshot_cli import lowshot
 from transfer.table3 import read_runs, table3
 
 SIZES = {0: 37, 1: 25, 2: 6, 3: 14}  # uneven on purpose: 25 at 10% is the half-up case
@@ -292,7 +293,7 @@ def test_resume_refuses_changed_lr_and_overwrite_replaces(photos, tmp_path):
 # --------------------------------------------------------------------------- CLI and Table 3
 
 
-def test_cli_writes_runs_subset_and_table(photos, trained, tmp_path):
+def test_cli_writes_runs_subset_and_table(photos, trained, tmp_path, monkeypatch):
     out, _ = trained
     args = [
         "--weights",
@@ -329,7 +330,26 @@ def test_cli_writes_runs_subset_and_table(photos, trained, tmp_path):
     assert res["short_classes"]["coffee"] == {"asked": 200, "available": 45}
     assert json.loads((run / "config.json").read_text())["lr"] == 0.01
     md = (tmp_path / "runs" / "table3.md").read_text()
-    assert "| Method | 10% |" in md and "| mine |" in md and "| random |" in md
+    assert "| Method | 10% |" in md and "| mine |" in md and "| random:resnet18@0.125 |" in md
+    # A run's config.json, read back with --config, asks for the same fine-tuning.
+    import transfer.lowshot
+
+    seen = []
+
+    def capture(cfg):
+        seen.append(cfg)
+        raise UserError("stop after the first configuration")
+
+    with monkeypatch.context() as m:
+        m.setattr(transfer.lowshot, "finetune", capture)
+        CliRunner().invoke(lowshot, ["--config", str(run / "config.json")])
+    asked = dataclasses.asdict(seen[0])
+    recorded = json.loads((run / "config.json").read_text())
+    recorded.pop("out")
+    assert {k: v for k, v in asked.items() if k != "out"} == {
+        **recorded,
+        "allow_change": tuple(recorded["allow_change"]),
+    }
     bad = tmp_path / "bad.txt"
     bad.write_text("coffee/nope.png\n")
     result = CliRunner().invoke(

@@ -10,8 +10,8 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from pirl.cli import main
 from pirl.heads import PirlHeads
+from pirl_tools.main import main
 
 # torchvision's ResNet-18 has 11,689,512 parameters; its fc is 512 * 1000 + 1000 = 513,000.
 RESNET18_TRUNK_PARAMS = 11_689_512 - 513_000

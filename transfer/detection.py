@@ -12,6 +12,7 @@ losses (beta 1/9) instead of L1, and no aspect-ratio grouping of batches.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from collections import OrderedDict
@@ -241,6 +242,8 @@ class DetectionConfig:
     iters: int = PAPER_ITERS
     batch_size: int = PAPER_BATCH
     lr: float = PAPER_LR  # for 16 images, scaled linearly with batch_size
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
     train_sizes: tuple[int, ...] = PAPER_TRAIN_SIZES
     test_size: int = PAPER_TEST_SIZE
     max_size: int = PAPER_MAX_SIZE
@@ -258,7 +261,8 @@ class DetectionConfig:
 
     def schedule(self) -> Schedule:
         """The paper's schedule scaled to these iters, batch size and LR."""
-        return Schedule.scaled(self.iters, self.batch_size, self.lr)
+        scaled = Schedule.scaled(self.iters, self.batch_size, self.lr)
+        return dataclasses.replace(scaled, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
 def _endless_batches(

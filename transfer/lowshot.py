@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -259,7 +259,6 @@ class LowshotConfig:
     resume: bool = False
     overwrite: bool = False
     allow_change: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> LowshotConfig:
         """Fill every None from the paper (given --data) or the embedded default (no --data)."""

@@ -1,10 +1,10 @@
 """Table 2 of the paper: linear probes of every encoder on every benchmark whose data is present.
 
-    python -m transfer.table2 [--weights NAME=PATH ...] [--data-root DIR] --out DIR
+    pirl-tools transfer table2 [--weights NAME=PATH ...] [--data DIR] --out DIR
 
-DIR of --data-root holds voc07/, imagenet/, places205/, inat18/, each in its real layout
+DIR of --data holds voc07/, imagenet/, places205/, inat18/, each in its real layout
 (transfer/datasets.py); a benchmark whose folder is missing or unreadable is skipped with its
-reason. With no --data-root the embedded set is used (600 packaged digits-on-photos images in
+reason. With no --data the embedded set is used (600 packaged digits-on-photos images in
 the four layouts, probes on cached centre-crop features); with no --weights the rows are a
 randomly initialised trunk (the floor) and, unless --no-pretrain, a PIRL model pretrained on
 the embedded set (pirl.pretrain.embedded_checkpoint: trained once into the cache, then reused).
@@ -15,7 +15,6 @@ refused before any compute unless build_table2 is given overwrite=True, which re
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -144,50 +143,3 @@ def _check_out(out: Path, weights: list[str], overwrite: bool) -> None:
             f"{out}: a Table 2 exists here ({held[0].name}); pass --overwrite to replace it, "
             "or choose another --out"
         )
-
-
-@click.command()
-@click.option("--weights", multiple=True, help="Encoder as NAME=PATH (repeatable).")
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Folder with voc07/ imagenet/ places205/ inat18/; omitted: embedded set.",
-)
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("runs/table2"),
-    show_default=True,
-)
-@click.option("--layer", default="res5", show_default=True)
-@click.option("--epochs", type=int, default=None, help="Fewer epochs than published (scaled).")
-@click.option(
-    "--augment/--no-augment",
-    default=None,
-    help="Augmented training views [real data: on; embedded: off].",
-)
-@click.option("--device", default="auto", show_default=True)
-@click.option(
-    "--pretrain/--no-pretrain",
-    default=True,
-    show_default=True,
-    help="Without --weights: also pretrain PIRL on the embedded set for a row.",
-)
-def main(weights, data_root, out, layer, epochs, augment, device, pretrain) -> None:
-    """Assemble the paper's Table 2 for the given encoders."""
-    try:
-        table, notes = build_table2(
-            list(weights), data_root, out, layer, epochs, augment, device, pretrain
-        )
-    except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    click.echo(markdown_table(table))
-    for n in notes:
-        click.echo(n)
-    click.echo(f"wrote {out / 'table2.md'} and {out / 'table2.csv'}")
-
-
-if __name__ == "__main__":
-    main()

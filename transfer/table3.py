@@ -1,6 +1,5 @@
-"""The paper's Table 3 (semi-supervised: top-5 after fine-tuning on 1% / 10% of the labels),
-assembled from low-shot run folders: `python -m transfer.table3 --runs DIR... --out DIR`.
-"""
+"""The paper's Table 3 (semi-supervised: top-5 after fine-tuning on 1% / 10% of the labels):
+the encoders a low-shot study fine-tunes, and the table assembled from its run folders."""
 
 from __future__ import annotations
 
@@ -10,11 +9,24 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import click
 import pandas as pd
 
 from pirl.errors import UserError
 from pirl.tables import markdown_table
+
+
+def lowshot_encoders(
+    pairs: Sequence[tuple[str, str]], embedded: bool, seed: int
+) -> list[tuple[str, str]]:
+    """(name, spec) per encoder; on the embedded set a same-shape random trunk is added, the
+    floor every row is read against."""
+    from pirl.weights import load_encoder
+
+    pairs = list(pairs)
+    if embedded and not any(s.startswith("random") for _, s in pairs):
+        enc = load_encoder(pairs[0][1], seed=seed)
+        pairs.append(("random", f"random:{enc.arch}@{enc.width:g}"))
+    return pairs
 
 
 def percent_label(percent: float) -> str:
@@ -75,19 +87,3 @@ def write_table3(df: pd.DataFrame, out: str | Path, stem: str = "table3") -> tup
     md.write_text("Semi-supervised fine-tuning, top-5 accuracy (%)\n\n" + markdown_table(df))
     df.to_csv(csv, index=False, float_format="%.2f")
     return md, csv
-
-
-@click.command()
-@click.option("--runs", multiple=True, required=True, help="Low-shot run folders (repeatable).")
-@click.option("--out", default="tables", show_default=True, help="Folder for table3.md/.csv.")
-def main(runs: tuple[str, ...], out: str) -> None:
-    """Assemble Table 3 from low-shot runs."""
-    try:
-        md, _ = write_table3(table3(read_runs(runs)), out)
-    except UserError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(md.read_text())
-
-
-if __name__ == "__main__":
-    main()

@@ -4,49 +4,24 @@ from __future__ import annotations
 
 import click
 
-from pirl.trunk import ARCHS
-from pirl.weights import FORMATS, Encoder, load_encoder, save_detectron2, save_torchvision
-
-_D2_DEPTH = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
+from pirl_tools.options import LazyChoice
 
 
 def _source_options(f: click.decorators.FC) -> click.decorators.FC:
     f = click.option(
         "--arch",
-        type=click.Choice(sorted(ARCHS)),
+        type=LazyChoice("pirl.trunk:ARCHS"),
         default=None,
         help="Architecture; omitted: inferred from the weights.",
     )(f)
     f = click.option(
         "--format",
         "fmt",
-        type=click.Choice(FORMATS),
+        type=LazyChoice("pirl.weights:FORMATS"),
         default=None,
         help="Checkpoint layout; omitted: detected from the keys.",
     )(f)
     return click.argument("file")(f)
-
-
-def _heads_line(enc: Encoder) -> str:
-    if enc.heads is not None:
-        return "f, g (PIRL projection heads)"
-    if enc.unmapped_heads:
-        shown = ", ".join(enc.unmapped_heads[:3])
-        return f"present but not PIRL's f and g ({len(enc.unmapped_heads)} tensors: {shown}, ...)"
-    return "none"
-
-
-def describe(enc: Encoder) -> list[str]:
-    """The facts a user checks before trusting a checkpoint in an evaluation."""
-    memory = f"{enc.memory_size} entries" if enc.memory_size is not None else "none"
-    return [
-        f"file: {enc.source}",
-        f"format: {enc.format}",
-        f"architecture: {enc.arch} (width {enc.width:g})",
-        f"parameters: {enc.num_params}",
-        f"heads: {_heads_line(enc)}",
-        f"memory bank: {memory}",
-    ]
 
 
 @click.group()
@@ -59,6 +34,8 @@ def weights() -> None:
 @_source_options
 def inspect(file: str, fmt: str | None, arch: str | None) -> None:
     """Show a checkpoint's format, architecture, parameter count, heads and memory bank."""
+    from pirl.weights import describe, load_encoder
+
     for line in describe(load_encoder(file, arch=arch, fmt=fmt)):
         click.echo(line)
 
@@ -81,21 +58,12 @@ def inspect(file: str, fmt: str | None, arch: str | None) -> None:
 )
 def convert(file: str, fmt: str | None, arch: str | None, target: str, output: str) -> None:
     """Write the trunk as a torchvision state dict or a detectron2 MODEL.WEIGHTS pickle."""
+    from pirl.weights import detectron2_config, load_encoder, save_detectron2, save_torchvision
+
     enc = load_encoder(file, arch=arch, fmt=fmt)
     state = enc.trunk.state_dict()
     save = save_torchvision if target == "torchvision" else save_detectron2
     save(state, output)
     click.echo(f"wrote {output} ({target}, {enc.arch} width {enc.width:g}, {len(state)} tensors)")
     if target == "detectron2":
-        click.echo(f"detectron2 config: {_d2_config(enc)}")
-
-
-def _d2_config(enc: Encoder) -> str:
-    """The detectron2 settings under which torchvision-style weights mean what they meant."""
-    ch = enc.trunk.channels
-    return (
-        f"MODEL.RESNETS.DEPTH {_D2_DEPTH[enc.arch]} MODEL.RESNETS.STEM_OUT_CHANNELS {ch['conv1']} "
-        f"MODEL.RESNETS.RES2_OUT_CHANNELS {ch['res2']} MODEL.RESNETS.WIDTH_PER_GROUP {ch['conv1']} "
-        "MODEL.RESNETS.STRIDE_IN_1X1 False INPUT.FORMAT RGB "
-        "MODEL.PIXEL_MEAN [123.675,116.28,103.53] MODEL.PIXEL_STD [58.395,57.12,57.375]"
-    )
+        click.echo(f"detectron2 config: {detectron2_config(enc)}")

@@ -1,13 +1,12 @@
-"""`pirl-tools analyze ...`: representation analyses of any encoders, as plots and tables."""
+"""The per-layer study of several encoders as one run folder: distance of each image to its
+jigsaw transform (f-g heads and every trunk stage) and weighted-kNN accuracy per layer."""
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import pandas as pd
 
@@ -15,10 +14,8 @@ from analysis.invariance import HEADS, STAGES, LayerInvariance, Runtime, encoder
 from analysis.knn import encoder_knn
 from analysis.plots import plot_histograms, plot_layer_curves
 from pirl.data import ImageList, embedded_root, list_images
-from pirl.engine import RunDir
-from pirl.errors import UserError
+from pirl.engine import RunDir, resolve_device
 from pirl.knn import KS
-from pirl.options import data_option, out_option, parse_weights, runtime_options, weights_option
 from pirl.tables import markdown_table
 from pirl.weights import load_encoder
 
@@ -79,26 +76,8 @@ def _rows(
     return rows
 
 
-@click.group()
-def analyze() -> None:
-    """Representation analyses: jigsaw invariance and kNN accuracy per layer."""
-
-
-@analyze.command()
-@weights_option(multiple=True)
-@data_option
-@out_option("runs/invariance")
-@click.option("--image-size", type=int, default=None, help="Input size [224; embedded set: 64].")
-@click.option(
-    "--max-images",
-    type=int,
-    default=2000,
-    show_default=True,
-    help="Seeded subset of images for the distance analysis (all pairs are compared).",
-)
-@runtime_options(batch_size=64, num_workers=2)
-def invariance(
-    weights: tuple[str, ...],
+def layer_study(
+    specs: list[tuple[str, str]],
     data: str | None,
     out: str,
     image_size: int | None,
@@ -107,41 +86,30 @@ def invariance(
     seed: int,
     batch_size: int,
     num_workers: int,
-) -> None:
-    """Distance of each image to its jigsaw transform (f-g heads and every trunk stage) and kNN
-    accuracy per layer, for each --weights NAME=PATH; without --data, the embedded set and the
-    embedded PIRL and Jigsaw pretraining (run once into the cache)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overwrite: bool = False,
+) -> pd.DataFrame:
+    """Invariance and kNN per layer for each (name, spec), written to the run folder `out`;
+    without data, the embedded set (and, without specs, its PIRL and Jigsaw pretraining)."""
+    run = RunDir(out)
+    options = {
+        "weights": [f"{name}={spec}" for name, spec in specs],
+        "data": data,
+        "image_size": image_size,
+        "max_images": max_images,
+        "device": device,
+        "seed": seed,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+    }
+    run.start("analyze invariance", options, resolve_device(device), overwrite=overwrite)
     if data is None:
         root, size = embedded_root(EMBEDDED_SIZE), image_size or EMBEDDED_SIZE
-        specs = [parse_weights(w) for w in weights] or embedded_checkpoints(device, num_workers)
+        specs = specs or embedded_checkpoints(device, num_workers)
     else:
-        if not weights:
-            raise UserError(f"{data}: pass --weights NAME=PATH for each encoder to analyse")
-        root, size, specs = Path(data), image_size or 224, [parse_weights(w) for w in weights]
-    names = [name for name, _ in specs]
-    if len(set(names)) != len(names):
-        raise UserError(f"--weights: model names must differ (got {', '.join(names)})")
+        root, size = Path(data), image_size or 224
     images, train, test = _splits(root, max_images, seed)
     labelled = len({label for label in train.labels if label >= 0}) >= 2
     rt = Runtime(device, batch_size, num_workers)
-    run = RunDir(out)
-    run.write_config(
-        {
-            "weights": dict(specs),
-            "data": str(root),
-            "image_size": size,
-            "max_images": max_images,
-            "images": len(images),
-            "knn": "train/val" if test is not None else "leave-one-out",
-            "ks": list(KS),
-            "temperature": 0.07,
-            "device": device,
-            "seed": seed,
-            "batch_size": batch_size,
-            "num_workers": num_workers,
-        }
-    )
     results, rows = {}, []
     for name, spec in specs:
         encoder = load_encoder(spec, seed=seed)
@@ -173,6 +141,15 @@ def invariance(
             "kNN accuracy per layer",
             run.path("knn_by_layer.png"),
         )
-    run.write_results({"models": table.to_dict(orient="records")})
-    click.echo(markdown_table(table, digits=3), nl=False)
-    click.echo(f"wrote {run.root}")
+    run.write_results(
+        {
+            "models": table.to_dict(orient="records"),
+            "data": str(root),
+            "image_size": size,
+            "images": len(images),
+            "knn": "train/val" if test is not None else "leave-one-out",
+            "ks": list(KS),
+            "temperature": 0.07,
+        }
+    )
+    return table

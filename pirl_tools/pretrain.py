@@ -1,0 +1,194 @@
+"""`pirl-tools pretrain`: PIRL, NPID++ or Jigsaw pretraining of a trunk (pirl/pretrain.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from pirl_tools.options import (
+    config_option,
+    data_option,
+    embedded_default,
+    out_option,
+    run_folder_options,
+    runtime_options,
+)
+
+
+@click.command()
+@config_option()
+@data_option(
+    "ImageFolder tree or flat image folder; omitted: the embedded set (with a small trunk and "
+    "32-px images)."
+)
+@out_option("runs/pretrain")
+@click.option(
+    "--method",
+    type=click.Choice(["pirl", "npid", "jigsaw"]),
+    default="pirl",
+    show_default=True,
+    help="pirl (lambda 0.5), npid (NPID++, lambda 0) or jigsaw (the Jigsaw-pretext baseline).",
+)
+@click.option(
+    "--num-permutations",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="jigsaw: permutation classes (maximal-Hamming set).",
+)
+@click.option(
+    "--arch",
+    type=click.Choice(["resnet18", "resnet34", "resnet50", "resnet101"]),
+    default=None,
+    help="Trunk " + embedded_default("resnet50", "resnet18") + ".",
+)
+@click.option(
+    "--width", type=float, default=None, help="Width multiplier " + embedded_default(1, 0.25)
+)
+@click.option("--image-size", type=int, default=None, help="View size " + embedded_default(224, 32))
+@click.option("--epochs", type=int, default=None, help="Epochs " + embedded_default(800, 100))
+@click.option(
+    "--lr", type=float, default=None, help="Base LR " + embedded_default("0.03 * batch / 256", 0.06)
+)
+@click.option(
+    "--final-lr-ratio",
+    type=float,
+    default=1e-3,
+    show_default=True,
+    help="Cosine schedule's last LR as a fraction of --lr.",
+)
+@click.option(
+    "--lr-interval",
+    type=click.Choice(["epoch", "step"]),
+    default="epoch",
+    show_default=True,
+    help="Cosine LR updated once per epoch (VISSL's PIRL) or at every step.",
+)
+@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option(
+    "--crop-scale",
+    type=float,
+    default=None,
+    help="Smallest area fraction of the image view's random crop " + embedded_default(0.08, 0.5),
+)
+@click.option(
+    "--hue", type=float, default=None, help="Colour jitter's hue range " + embedded_default(0.2, 0)
+)
+@click.option(
+    "--photometric",
+    type=float,
+    default=None,
+    help="Probability of VISSL's random photometric ops " + embedded_default(0.66, 0),
+)
+@click.option(
+    "--num-negatives",
+    type=int,
+    default=None,
+    help="Negatives per sample from the memory bank " + embedded_default(32000, 1024),
+)
+@click.option("--temperature", type=float, default=0.07, show_default=True)
+@click.option("--lam", type=float, default=None, help="Weight of the patch term [method's].")
+@click.option(
+    "--loss",
+    type=click.Choice(["nce", "infonce"]),
+    default=None,
+    help="Loss form " + embedded_default("nce, the published form", "infonce"),
+)
+@click.option(
+    "--z-momentum",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Track NCE's Z by EMA with this momentum (0: fix Z at the first step).",
+)
+@click.option(
+    "--bank-momentum",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Memory bank update: m * old + (1 - m) * new.",
+)
+@click.option(
+    "--embed-dim", type=int, default=128, show_default=True, help="Output size of heads f and g."
+)
+@runtime_options(batch_size=None, batch_help="Global batch " + embedded_default(1024, 64))
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 autocast on GPU.")
+@click.option(
+    "--compile",
+    is_flag=True,
+    help="torch.compile the model: fused kernels, faster steps on a GPU after a first step "
+    "that compiles for a minute or two.",
+)
+@click.option(
+    "--augment",
+    type=click.Choice(["batched", "pil"]),
+    default="batched",
+    show_default=True,
+    help="batched: workers only crop; jigsaw cut, colour jitter, VISSL's random photometric "
+    "ops, grayscale, flip and normalisation run on whole batches on the device. pil: the "
+    "per-image PIL pipeline.",
+)
+@click.option(
+    "--shared-negatives",
+    is_flag=True,
+    help="Draw one set of negatives per batch (and term) instead of one per sample as VISSL "
+    "does: one gather of N bank rows instead of B*N, much cheaper.",
+)
+@click.option(
+    "--bank-dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Storage of the memory bank (16-bit halves it); updates are computed in float32.",
+)
+@click.option(
+    "--eval-every",
+    type=int,
+    default=None,
+    help="kNN monitor: every N epochs (and at the end), kNN top-1 (k=20) of the trunk on "
+    "--val-data, in metrics.csv and the log; 0: never " + embedded_default(0, 10) + ".",
+)
+@click.option(
+    "--val-data",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    help="Labelled folder for the kNN monitor: DIR/train (neighbours) and DIR/val (queries), "
+    "one sub-folder per class [embedded: the embedded set's split].",
+)
+@click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images (counted).")
+@run_folder_options()
+@click.option(
+    "--nproc",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Local DDP processes (or launch with torchrun ... -m pirl_tools pretrain).",
+)
+def pretrain(nproc: int, **kwargs: Any) -> None:
+    """Pretrain a trunk with PIRL (or NPID++, Jigsaw) and write OUT/checkpoint.pth."""
+    import logging
+    from pathlib import Path
+
+    from pirl.pretrain import PretrainConfig, pretrain_multiprocess
+    from pirl.pretrain import pretrain as run_pretrain
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    kwargs["allow_change"] = tuple(kwargs["allow_change"])
+    cfg = PretrainConfig(**kwargs)
+    if nproc > 1:
+        pretrain_multiprocess(cfg, nproc)
+    else:
+        run_pretrain(cfg)
+    ckpt = Path(cfg.out) / "checkpoint.pth"
+    if cfg.data is None:  # the embedded demo: show what was learned
+        from pirl.tables import comparison
+        from transfer.linear_probe import probe_against_untrained
+
+        results = probe_against_untrained(cfg.out, cfg.device, cfg.num_workers, cfg.seed)
+        click.echo(comparison(cfg.method, results))
+    click.echo(f"checkpoint: {ckpt}")
+    click.echo(
+        f"evaluate it: pirl-tools transfer linear --weights {cfg.method}={ckpt} --benchmark voc07"
+    )
