@@ -15,9 +15,9 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 from pirl.errors import UserError
 from pirl.safe_load import read_checkpoint
 
+T = TypeVar("T")
 # Settings that say where and how a run executes, not what it computes: a resume may change them.
 RUNTIME_KEYS = frozenset({"out", "device", "num_workers", "resume", "overwrite", "allow_change"})
 # What the engine writes into a run folder (an --overwrite removes exactly these).
@@ -359,6 +360,18 @@ class RunDir:
         if not isinstance(state, dict):
             raise UserError(f"{self.path(name)}: not a checkpoint of this run")
         return state
+
+    def restore(self, apply: Callable[[dict[str, Any]], T]) -> T:
+        """Read the checkpoint and hand it to the recipe's `apply` (model, optimizer, counters);
+        one that does not fit this run (other shapes, missing entries) is one line naming it."""
+        state = self.load_checkpoint()
+        try:
+            return apply(state)
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise UserError(
+                f"{self.path('checkpoint.pth')}: cannot resume from this checkpoint ({first})"
+            ) from None
 
     def check_finite(self, loss: float, where: str, name: str = "checkpoint.pth") -> None:
         """Stop on a NaN or infinite loss before the step is applied, naming the last good

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-
-from pirl.errors import UserError
 
 CHECKPOINT_VERSION = 2  # 2: one shared NCE normaliser (nce: criterion.log_z)
 
@@ -50,19 +47,16 @@ class PretextTrainer:
             "version": CHECKPOINT_VERSION,
         }
 
-    def load(self, ckpt: dict[str, Any], path: Path) -> None:
-        """Restore from a native checkpoint; shapes must match the configured model."""
-        try:
-            self.model.trunk.load_state_dict(ckpt["trunk"])
-            self.model.heads.load_state_dict(ckpt["heads"])
-            self.load_memory(ckpt["memory"])
-            missing = self.criterion.load_state_dict(ckpt["nce"], strict=False).missing_keys
-            if any("log_z" in k for k in missing):
-                raise KeyError(f"nce: no {missing[0]} (written before Z was shared)")
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise UserError(f"{path}: cannot resume from this checkpoint ({first})") from None
+    def load(self, ckpt: dict[str, Any]) -> None:
+        """Restore from a native checkpoint (through RunDir.restore, which turns a mismatch
+        into one line); shapes must match the configured model."""
+        self.model.trunk.load_state_dict(ckpt["trunk"])
+        self.model.heads.load_state_dict(ckpt["heads"])
+        self.load_memory(ckpt["memory"])
+        missing = self.criterion.load_state_dict(ckpt["nce"], strict=False).missing_keys
+        if any("log_z" in k for k in missing):
+            raise KeyError(f"nce: no {missing[0]} (written before Z was shared)")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
 
     def remember(self, idx: torch.Tensor, embedding: torch.Tensor) -> None:

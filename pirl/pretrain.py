@@ -426,7 +426,7 @@ def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
     trainer = make_trainer(cfg, len(images), device)
     monitor = KnnMonitor(cfg, device) if cfg.eval_every and rank == 0 else None
     if cfg.resume:
-        trainer.load(run.load_checkpoint(), run.path("checkpoint.pth"))
+        run.restore(trainer.load)
         if rank == 0:
             log.info("resuming %s at epoch %d (step %d)", cfg.out, trainer.epoch, trainer.step)
     model = wrap_ddp(trainer.model, device)

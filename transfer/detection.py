@@ -357,18 +357,11 @@ def _claim(cfg: DetectionConfig, device: torch.device, devkit: Path, source: str
     return name
 
 
-def _restore(model: nn.Module, opt: torch.optim.Optimizer, run: RunDir) -> int:
-    """Load the run's checkpoint into model and optimizer; the iteration to continue from."""
-    state = run.load_checkpoint()
-    try:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        return int(state["iteration"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise UserError(
-            f"{run.path('checkpoint.pth')}: cannot resume from this checkpoint ({first})"
-        ) from None
+def _restore(model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> int:
+    """Load a checkpoint into model and optimizer; the iteration to continue from."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["iteration"])
 
 
 def run_detection(cfg: DetectionConfig) -> dict[str, Any]:
@@ -395,7 +388,7 @@ def run_detection(cfg: DetectionConfig) -> dict[str, Any]:
     opt = torch.optim.SGD(
         params, lr=sched.lr(0), momentum=sched.momentum, weight_decay=sched.weight_decay
     )
-    start = _restore(model, opt, run) if cfg.resume else 0
+    start = run.restore(lambda state: _restore(model, opt, state)) if cfg.resume else 0
     net = wrap_ddp(model, device)
     dataset = VocDetectionDataset(train, classes, train=True)
     if len(dataset) < sched.batch_size:

@@ -351,19 +351,12 @@ def _state(
     }
 
 
-def _restore(model: FineTuneNet, optimizer: torch.optim.Optimizer, run: RunDir) -> int:
-    """Load the run's checkpoint into model and optimizer; the epoch to continue from."""
-    ckpt = run.load_checkpoint()
-    try:
-        model.trunk.load_state_dict(ckpt["trunk"])
-        model.fc.load_state_dict(ckpt["classifier"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        return int(ckpt["epoch"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise UserError(
-            f"{run.path('checkpoint.pth')}: cannot resume from this checkpoint ({first})"
-        ) from None
+def _restore(model: FineTuneNet, optimizer: torch.optim.Optimizer, ckpt: dict[str, Any]) -> int:
+    """Load a checkpoint into model and optimizer; the epoch to continue from."""
+    model.trunk.load_state_dict(ckpt["trunk"])
+    model.fc.load_state_dict(ckpt["classifier"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return int(ckpt["epoch"])
 
 
 def run_settings(given: LowshotConfig, resolved: LowshotConfig) -> dict[str, Any]:
@@ -404,7 +397,7 @@ def finetune(cfg: LowshotConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = FineTuneNet(encoder.trunk, len(train.classes)).to(device)
     optimizer = _optimizer(model, cfg)
-    start = _restore(model, optimizer, run) if cfg.resume else 0
+    start = run.restore(lambda ckpt: _restore(model, optimizer, ckpt)) if cfg.resume else 0
     if rank == 0:
         write_subset(run.path("subset.txt"), subset, train)
         log.info(
