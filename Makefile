@@ -80,4 +80,4 @@ paper-small: $(STAMP)
 	    --layer $$layer --out $(PAPER_SMALL)/layers/$$layer || exit 1; \
 	done
 	$(BIN)/pirl-tools analyze invariance $(small_weights) --out $(PAPER_SMALL)/invariance
-	$(BIN)/python -m analysis.report $(PAPER_SMALL)
+	$(BIN)/pirl-tools analyze report $(PAPER_SMALL)

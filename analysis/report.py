@@ -12,7 +12,6 @@ Writes ROOT/report.md and ROOT/probe_by_layer.png.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,13 +204,3 @@ def write_report(root: Path) -> Path:
     path = root / "report.md"
     path.write_text("\n".join(lines))
     return path
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m analysis.report ROOT")
-    try:
-        print(f"wrote {write_report(Path(sys.argv[1]))}")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)

@@ -1,3 +1,5 @@
 """The `pirl-tools` command line: one package, so every flag is defined once."""
 
-__version__ = "0.1.0"
+from pirl import __version__
+
+__all__ = ["__version__"]

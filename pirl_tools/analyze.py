@@ -77,3 +77,15 @@ def invariance(
     )
     click.echo(markdown_table(table, digits=3), nl=False)
     click.echo(f"wrote {out}")
+
+
+@analyze.command()
+@click.argument("root", type=click.Path(file_okay=False, exists=True))
+def report(root: str) -> None:
+    """report.md from `make paper-small`'s run folders under ROOT: each of the paper's claims
+    as holds / does not hold, with the numbers it rests on."""
+    from pathlib import Path
+
+    from analysis.report import write_report
+
+    click.echo(f"wrote {write_report(Path(root))}")

@@ -88,3 +88,17 @@ def test_a_pretraining_that_did_not_learn_is_said_first(tmp_path: Path) -> None:
         ]
         == "does not hold"
     )
+
+
+def test_the_report_command_writes_it_and_names_a_missing_file_on_one_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pirl_tools.main import main
+
+    root = outputs(tmp_path / "a", jigsaw_res5=28.0, pirl_ratio=0.5)
+    res = CliRunner().invoke(main, ["analyze", "report", str(root)])
+    assert res.exit_code == 0 and (root / "report.md").exists(), res.output
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(main, ["analyze", "report", str(tmp_path / "empty")])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
+    assert res.output.startswith(f"error: {tmp_path / 'empty'}")
