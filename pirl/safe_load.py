@@ -8,8 +8,12 @@ through an unpickler that allows only those same names.
 from __future__ import annotations
 
 import codecs
+import collections
+import io
+import json
 import pickle
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +40,32 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
+def _storage_from_bytes(data: bytes) -> Any:
+    """A tensor storage pickled on its own (plain `pickle.dump` of tensors), read back with
+    torch's weights_only loader instead of the unrestricted one pickle would call."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _plain_globals() -> dict[tuple[str, str], Any]:
+    """What a plain pickle of arrays, tensors and containers needs: numpy's names, OrderedDict
+    (what `state_dict()` returns) and the tensor rebuild torch's weights_only loader allows."""
+    return {
+        **_numpy_globals(),
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+    }
+
+
 class _RefusedGlobal(pickle.UnpicklingError):
-    """A pickle asked for a global outside the numpy allowlist (it could run code)."""
+    """A pickle asked for a global outside the allowlist (it could run code)."""
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler resolving only numpy's array-reconstruction names; anything else is refused."""
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickler resolving only the names of arrays, tensors and plain containers; anything
+    else is refused."""
 
-    _allowed = _numpy_globals()
+    _allowed = _plain_globals()
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._allowed:
@@ -81,20 +103,39 @@ def _torch_load(path: Path) -> Any:
         raise _unreadable(path, exc) from None
 
 
+def _is_safetensors(head: bytes) -> bool:
+    """safetensors files start with the header's length (8 bytes, little-endian) and then
+    the JSON header itself."""
+    return len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 2**30
+
+
+def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file (no code at all in the format) as a state dict."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+        raise _unreadable(path, exc) from None
+
+
 def read_checkpoint(path: str | Path) -> Any:
-    """Unpickle a checkpoint file without ever running code from it."""
+    """Read a checkpoint file (torch, pickle or safetensors) without ever running code from it."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if not path.is_file():
         raise UserError(f"{path}: not a file")
     with open(path, "rb") as fh:
-        head = fh.read(4)
+        head = fh.read(9)
         if head.startswith(b"PK"):
             return _torch_load(path)
+        if _is_safetensors(head):
+            return _safetensors_load(path)
         fh.seek(0)
         try:
-            first = _NumpyOnlyUnpickler(fh, encoding="latin1").load()
+            first = _SafeUnpickler(fh, encoding="latin1").load()
         except _RefusedGlobal as exc:
             raise _refused(path, str(exc)) from None
         except Exception as exc:  # any malformed byte stream: EOFError, UnpicklingError, ...

@@ -8,6 +8,7 @@ checkpoint holds. Third-party files are untrusted: torch files load with
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from collections.abc import Iterable, Mapping
@@ -95,6 +96,19 @@ def save_torchvision(trunk_state: Mapping[str, torch.Tensor], path: str | Path) 
     """Write a torchvision state dict (no fc) that `resnetXX().load_state_dict` accepts."""
     path = Path(path)
     atomic_torch_save({k: v.detach().cpu().clone() for k, v in trunk_state.items()}, path)
+    return path
+
+
+def save_safetensors(trunk_state: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+    """Write the trunk as safetensors (torchvision keys): a format that cannot carry code."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in trunk_state.items()}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
     return path
 
 
@@ -372,7 +386,7 @@ def parse_checkpoint(obj: Any, path: Path, fmt: str | None = None) -> _Parsed:
         keys = list(obj)[:_SHOWN] if isinstance(obj, Mapping) else [type(obj).__name__]
         raise UserError(
             f"{path}: unknown checkpoint layout: no ResNet trunk found (top level: "
-            f"{', '.join(map(str, keys))}); --format chooses one of {', '.join(FORMATS)}"
+            f"{', '.join(map(str, keys))}; layouts read: {', '.join(FORMATS)})"
         )
     parsed = _READERS[fmt](obj, path)
     if "conv1.weight" not in parsed.trunk:
@@ -505,6 +519,7 @@ def load_encoder(
     with torch.device("meta"):
         trunk = build_trunk(arch, width)
     _fit(trunk, dict(parsed.trunk), path, f"{arch} (width {width:g})")
+    _require_finite(trunk, path)
     heads = None
     if parsed.heads is not None:
         out_dim, in_dim = parsed.heads["f.proj.weight"].shape
@@ -514,6 +529,7 @@ def load_encoder(
         with torch.device("meta"):
             heads = PirlHeads(in_dim, out_dim, n)
         _fit(heads, dict(parsed.heads), path, f"PIRL heads ({in_dim}->{out_dim}, {n} patches)")
+        _require_finite(heads, path)
         heads.eval()
     return Encoder(
         trunk.eval(),
@@ -526,6 +542,18 @@ def load_encoder(
         f"{identity}:{parsed.format}:{arch}@{width:g}",
         parsed.unmapped_heads,
     )
+
+
+def _require_finite(module: torch.nn.Module, path: Path) -> None:
+    """Refuse weights holding NaN or infinity: every number computed from them would be noise
+    that still looks like a result."""
+    for name, t in module.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise UserError(
+                f"{path}: {name} holds {bad} NaN or infinite values of {t.numel()}; "
+                "these weights come from a diverged or corrupted run"
+            )
 
 
 def _heads_line(enc: Encoder) -> str:

@@ -45,7 +45,7 @@ def inspect(file: str, fmt: str | None, arch: str | None) -> None:
 @click.option(
     "--to",
     "target",
-    type=click.Choice(["torchvision", "detectron2"]),
+    type=click.Choice(["torchvision", "safetensors", "detectron2"]),
     required=True,
     help="Layout to write.",
 )
@@ -54,16 +54,21 @@ def inspect(file: str, fmt: str | None, arch: str | None) -> None:
     "--output",
     required=True,
     type=click.Path(dir_okay=False),
-    help="File to write (.pth for torchvision, .pkl for detectron2).",
+    help="File to write (.pth for torchvision, .safetensors, .pkl for detectron2).",
 )
 def convert(file: str, fmt: str | None, arch: str | None, target: str, output: str) -> None:
-    """Write the trunk as a torchvision state dict or a detectron2 MODEL.WEIGHTS pickle."""
-    from pirl.weights import detectron2_config, load_encoder, save_detectron2, save_torchvision
+    """Write the trunk as a torchvision state dict (torch or safetensors file) or a detectron2
+    MODEL.WEIGHTS pickle."""
+    from pirl import weights as w
 
-    enc = load_encoder(file, arch=arch, fmt=fmt)
+    enc = w.load_encoder(file, arch=arch, fmt=fmt)
     state = enc.trunk.state_dict()
-    save = save_torchvision if target == "torchvision" else save_detectron2
+    save = {
+        "torchvision": w.save_torchvision,
+        "safetensors": w.save_safetensors,
+        "detectron2": w.save_detectron2,
+    }[target]
     save(state, output)
     click.echo(f"wrote {output} ({target}, {enc.arch} width {enc.width:g}, {len(state)} tensors)")
     if target == "detectron2":
-        click.echo(f"detectron2 config: {detectron2_config(enc)}")
+        click.echo(f"detectron2 config: {w.detectron2_config(enc)}")

@@ -394,3 +394,55 @@ def test_random_spec_is_seeded_and_leaves_global_rng_alone() -> None:
         load_encoder("random:resnet7")
     with pytest.raises(UserError, match="not a number"):
         load_encoder("random:resnet18@wide")
+
+
+def test_plain_pickled_containers_of_tensors_and_arrays_load(tmp_path: Path) -> None:
+    """state_dict() is an OrderedDict: plain-pickled (not torch.save), it holds nothing that
+    runs code and must load, as must dicts, lists and tuples of tensors and arrays."""
+    state = build_trunk("resnet18", 0.125).state_dict()
+    (tmp_path / "od.pkl").write_bytes(pickle.dumps(state, protocol=4))
+    enc = load_encoder(tmp_path / "od.pkl")
+    assert enc.format == "torchvision" and enc.arch == "resnet18"
+    for k, v in enc.trunk.state_dict().items():
+        assert torch.equal(v, state[k].float() if v.is_floating_point() else state[k]), k
+    as_numpy = {"model": [(k, v.numpy()) for k, v in state.items()], "epoch": (1, 2)}
+    (tmp_path / "np.pkl").write_bytes(pickle.dumps(as_numpy, protocol=2))
+    assert read_checkpoint(tmp_path / "np.pkl")["epoch"] == (1, 2)
+
+
+def test_non_finite_weights_are_refused_naming_the_first_bad_tensor(tmp_path: Path) -> None:
+    state = build_trunk("resnet18", 0.125).state_dict()
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    state["layer3.1.bn2.running_var"][3] = float("inf")
+    torch.save(state, tmp_path / "nan.pth")
+    msg = _one_line_error(tmp_path / "nan.pth", "layer2.0.conv1.weight holds 1 NaN or infinite")
+    assert "diverged" in msg
+
+
+def test_safetensors_are_read_and_written(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from pirl_tools.main import main
+
+    state = build_trunk("resnet18", 0.125).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "t.safetensors"))
+    enc = load_encoder(tmp_path / "t.safetensors")
+    assert enc.format == "torchvision" and enc.arch == "resnet18"
+    out = tmp_path / "back.safetensors"
+    res = CliRunner().invoke(
+        main, ["weights", "convert", str(tmp_path / "t.safetensors"), "--to", "safetensors",
+               "-o", str(out)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    back = load_encoder(out).trunk.state_dict()
+    for k, v in enc.trunk.state_dict().items():
+        assert torch.equal(back[k], v), k
+    (tmp_path / "cut.safetensors").write_bytes(out.read_bytes()[:200])
+    _one_line_error(tmp_path / "cut.safetensors", "unreadable, truncated")
+
+
+def test_unknown_layout_names_no_flag_the_command_may_lack(tmp_path: Path) -> None:
+    torch.save({"weights": {"foo.bar": torch.zeros(3)}}, tmp_path / "u.pth")
+    msg = _one_line_error(tmp_path / "u.pth", "unknown checkpoint layout")
+    assert "--format" not in msg and "layouts read: native, torchvision" in msg
