@@ -51,12 +51,16 @@ class Split:
 
 
 def _read_lines(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, whitespace-separated fields) of every non-blank line of a text file."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     out = []
-    with open(path) as fh:
-        for i, line in enumerate(fh, 1):
-            fields = line.split()
+    with open(path, "rb") as fh:
+        for i, raw in enumerate(fh, 1):
+            try:
+                fields = raw.decode("utf-8").split()
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{i}: not UTF-8 text") from None
             if fields:
                 out.append((i, fields))
     return out
@@ -151,7 +155,7 @@ def _places205(root: str | Path, split: str) -> Split:
     image_root = root / "images256" if (root / "images256").is_dir() else root
     paths, labels = [], []
     for lineno, fields in _read_lines(listing):
-        if len(fields) != 2 or not fields[1].isdigit():
+        if len(fields) != 2 or not (fields[1].isascii() and fields[1].isdigit()):
             raise UserError(f"{listing}:{lineno}: expected 'relative/path.jpg label'")
         paths.append(image_root / fields[0])
         labels.append(int(fields[1]))

@@ -186,7 +186,11 @@ def read_devkit_detections(
         found += 1
         ids: list[str] = []
         rows: list[list[float]] = []
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
+        for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{n}: not UTF-8 text") from None
             parts = line.split()
             if not parts:
                 continue
@@ -195,9 +199,12 @@ def read_devkit_detections(
             if parts[0] not in known:
                 raise UserError(f"{path}:{n}: image {parts[0]!r} is not in the {split} set")
             try:
-                rows.append([float(v) for v in parts[1:]])
+                values = [float(v) for v in parts[1:]]
             except ValueError:
                 raise UserError(f"{path}:{n}: non-numeric score or box in {line!r}") from None
+            if not np.isfinite(values).all():
+                raise UserError(f"{path}:{n}: NaN or infinite score or box in {line!r}")
+            rows.append(values)
             ids.append(parts[0])
         arr = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
         out[cls] = Detections(ids, arr[:, 0], arr[:, 1:])

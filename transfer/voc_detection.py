@@ -8,6 +8,7 @@ inclusive pixel indices; training targets use detectron2's continuous convention
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,9 +63,12 @@ def _text(node: ET.Element, tag: str, path: Path) -> str:
 def _number(node: ET.Element, tag: str, path: Path) -> float:
     value = _text(node, tag, path)
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
-        raise UserError(f"{path}: malformed VOC annotation, <{tag}> is {value!r}") from None
+        number = math.nan
+    if not math.isfinite(number):
+        raise UserError(f"{path}: malformed VOC annotation, <{tag}> is {value!r}")
+    return number
 
 
 def parse_annotation(path: str | Path) -> tuple[int, int, list[VocObject]]:
@@ -120,7 +124,12 @@ def read_voc_set(
     listing = base / "ImageSets" / "Main" / f"{split}.txt"
     if not listing.exists():
         raise UserError(f"{listing}: split list does not exist (is {devkit} a VOCdevkit folder?)")
-    ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+    try:
+        text = listing.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = listing.read_bytes()[: exc.start].count(b"\n") + 1
+        raise UserError(f"{listing}:{line}: not UTF-8 text") from None
+    ids = [line.split()[0] for line in text.splitlines() if line.strip()]
     if not ids:
         raise UserError(f"{listing}: empty split list")
     if need_images:
