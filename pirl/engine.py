@@ -56,6 +56,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def require_at_least(minimum: int, **values: int | None) -> None:
+    """A count below its minimum (--epochs 0, --batch-size 0, --num-workers -1) is a one-line
+    error before any work, not a run that trains nothing and still prints a result."""
+    for key, value in values.items():
+        if value is not None and value < minimum:
+            raise UserError(f"--{key.replace('_', '-')} {value}: must be at least {minimum}")
+
+
 def world() -> tuple[int, int]:
     """(rank, world size): (0, 1) outside torch.distributed."""
     if dist.is_available() and dist.is_initialized():

@@ -40,6 +40,7 @@ from pirl.engine import (
     epoch_loader,
     epoch_seed,
     param_groups,
+    require_at_least,
     resolve_device,
     seed_everything,
     setup_distributed,
@@ -170,12 +171,17 @@ class PretrainConfig:
             raise UserError(f"--lr-interval {cfg.lr_interval}: choose from {list(LR_INTERVALS)}")
         if cfg.bank_dtype not in BANK_DTYPES:
             raise UserError(f"--bank-dtype {cfg.bank_dtype}: choose from {list(BANK_DTYPES)}")
-        for key in ("epochs", "batch_size", "num_negatives", "image_size", "embed_dim"):
-            if getattr(cfg, key) < 1:
-                flag = key.replace("_", "-")
-                raise UserError(f"--{flag} {getattr(cfg, key)}: must be at least 1")
-        if cfg.lr <= 0 or cfg.num_workers < 0 or (cfg.eval_every or 0) < 0:
-            raise UserError("--lr must be positive, --num-workers and --eval-every not negative")
+        require_at_least(
+            1,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            num_negatives=cfg.num_negatives,
+            image_size=cfg.image_size,
+            embed_dim=cfg.embed_dim,
+        )
+        require_at_least(0, num_workers=cfg.num_workers, eval_every=cfg.eval_every)
+        if cfg.lr <= 0:
+            raise UserError(f"--lr {cfg.lr}: must be positive")
         return cfg
 
 

@@ -41,10 +41,15 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.Abort, click.UsageError):
             raise
-        except (UserError, click.ClickException) as exc:
+        except (UserError, click.ClickException, OSError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            message = exc.format_message() if isinstance(exc, click.ClickException) else exc
+            if isinstance(exc, click.ClickException):
+                message = exc.format_message()
+            elif isinstance(exc, OSError):  # the disk, not our code: full, read-only, gone
+                message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+            else:
+                message = str(exc)
             click.echo(f"error: {message}", err=True)
             sys.exit(2)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from pirl_tools.main import main
@@ -190,3 +191,46 @@ def test_pretrain_config_json_reads_back_as_config(tiny_folder: Path, tmp_path: 
     assert json.loads((first / "results.json").read_text()) == json.loads(
         (second / "results.json").read_text()
     )
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value"),
+    [
+        (["pretrain"], "--epochs", "0"),
+        (["pretrain"], "--batch-size", "0"),
+        (["pretrain"], "--num-workers", "-1"),
+        (["transfer", "linear", "--weights", "random:resnet18@0.125"], "--batch-size", "0"),
+        (["transfer", "linear", "--weights", "random:resnet18@0.125"], "--epochs", "0"),
+        (["transfer", "lowshot", "--weights", "random:resnet18@0.125"], "--batch-size", "0"),
+        (["transfer", "lowshot", "--weights", "random:resnet18@0.125"], "--epochs", "0"),
+        (["transfer", "detection"], "--iters", "0"),
+        (["transfer", "detection"], "--batch-size", "0"),
+    ],
+)
+def test_counts_below_their_minimum_are_one_line_before_any_work(
+    tmp_path: Path, command: list[str], flag: str, value: str
+) -> None:
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, [*command, flag, value, "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert (
+        res.output.strip() == f"error: {flag} {value}: must be at least {0 if value == '-1' else 1}"
+    )
+    assert not (out / "config.json").exists()
+
+
+def test_an_os_error_is_one_line_naming_the_path(tmp_path: Path) -> None:
+    """A file where a folder should be (or a full or read-only disk) is the user's to fix."""
+    import torch
+
+    from pirl.trunk import build_trunk
+
+    torch.save(build_trunk("resnet18", 0.125).state_dict(), tmp_path / "w.pth")
+    (tmp_path / "file").write_text("not a folder")
+    target = tmp_path / "file" / "out.pth"
+    res = CliRunner().invoke(
+        main,
+        ["weights", "convert", str(tmp_path / "w.pth"), "--to", "torchvision", "-o", str(target)],
+    )
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    assert res.output.startswith(f"error: {tmp_path / 'file'}: File exists")

@@ -146,3 +146,18 @@ def test_every_image_bad_and_skipped_is_an_error_and_no_checkpoint(tmp_path: Pat
     with pytest.raises(UserError, match=r"no readable image in epoch 1 \(5 skipped of 5\)"):
         pretrain(cfg)
     assert not (tmp_path / "run" / "checkpoint.pth").exists()
+
+
+def test_a_data_set_smaller_than_one_batch_still_trains(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        (tmp_path / "data").mkdir(exist_ok=True)
+        pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "data" / f"{i}.png")
+    cfg = PretrainConfig(
+        data=str(tmp_path / "data"), out=str(tmp_path / "run"), epochs=2, num_workers=0,
+        arch="resnet18", width=0.125, image_size=32, batch_size=64, num_negatives=8,
+        device="cpu",
+    )  # fmt: skip
+    trainer = pretrain(cfg)
+    assert trainer.step == 2 and (tmp_path / "run" / "checkpoint.pth").exists()

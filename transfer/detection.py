@@ -33,7 +33,14 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
 from tqdm import tqdm
 
-from pirl.engine import RunDir, resolve_device, seed_everything, setup_distributed, wrap_ddp
+from pirl.engine import (
+    RunDir,
+    require_at_least,
+    resolve_device,
+    seed_everything,
+    setup_distributed,
+    wrap_ddp,
+)
 from pirl.errors import UserError
 from pirl.tables import markdown_table
 from pirl.trunk import Trunk
@@ -200,8 +207,7 @@ class Schedule:
         cls, iters: int = PAPER_ITERS, batch_size: int = PAPER_BATCH, lr16: float = PAPER_LR
     ) -> Schedule:
         """Milestone and warmup keep their fraction of the run; LR = lr16 * batch / 16."""
-        if iters <= 0 or batch_size <= 0:
-            raise UserError(f"--iters ({iters}) and --batch-size ({batch_size}) must be positive")
+        require_at_least(1, iters=iters, batch_size=batch_size)
         frac = iters / PAPER_ITERS
         return cls(
             iters=iters, batch_size=batch_size, base_lr=lr16 * batch_size / PAPER_BATCH,
@@ -261,6 +267,14 @@ class DetectionConfig:
 
     def schedule(self) -> Schedule:
         """The paper's schedule scaled to these iters, batch size and LR."""
+        require_at_least(
+            1,
+            checkpoint_every=self.checkpoint_every,
+            test_size=self.test_size,
+            max_size=self.max_size,
+            roi_batch_size=self.roi_batch_size,
+        )
+        require_at_least(0, num_workers=self.num_workers)
         scaled = Schedule.scaled(self.iters, self.batch_size, self.lr)
         return dataclasses.replace(scaled, momentum=self.momentum, weight_decay=self.weight_decay)
 

@@ -18,7 +18,7 @@ import torch
 from torchvision import transforms as T
 
 from pirl.data import ImageDataset, ImageList
-from pirl.engine import RunDir, resolve_device, seed_everything
+from pirl.engine import RunDir, require_at_least, resolve_device, seed_everything
 from pirl.errors import UserError
 from pirl.features import (
     IMAGENET_MEAN,
@@ -119,6 +119,8 @@ def run_linear(
         data = embedded_benchmarks()[benchmark]
         image_size = image_size or EMBEDDED_SIZE
     image_size = image_size or 224
+    require_at_least(1, batch_size=batch_size, epochs=epochs, image_size=image_size)
+    require_at_least(0, num_workers=num_workers)
     config = dict(
         weights=spec,
         benchmark=benchmark,

@@ -41,6 +41,7 @@ from pirl.engine import (
     epoch_loader,
     epoch_seed,
     param_groups,
+    require_at_least,
     seed_everything,
     setup_distributed,
     wrap_ddp,
@@ -266,6 +267,8 @@ class LowshotConfig:
         for key, value in (PAPER if self.data else EMBEDDED).items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
+        require_at_least(1, epochs=cfg.epochs, batch_size=cfg.batch_size, image_size=cfg.image_size)
+        require_at_least(0, num_workers=cfg.num_workers)
         if cfg.data is None:
             cfg.data = str(embedded_root(cfg.image_size))
         if cfg.head_lr is None:
