@@ -7,15 +7,17 @@ transfer/lowshot.py, transfer/detection.py) hold only their model, step and eval
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,14 +25,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from pirl.errors import UserError
+from pirl.loggers import MetricLogger, make_logger
 from pirl.safe_load import read_checkpoint
 
 T = TypeVar("T")
 # Settings that say where and how a run executes, not what it computes: a resume may change them.
-RUNTIME_KEYS = frozenset({"out", "device", "num_workers", "resume", "overwrite", "allow_change"})
+RUNTIME_KEYS = frozenset(
+    {"out", "device", "num_workers", "resume", "overwrite", "allow_change", "logger"}
+)
 # What the engine writes into a run folder (an --overwrite removes exactly these).
+PROGRESS_ENV = "PIRL_TOOLS_PROGRESS_SECONDS"
 RUN_FILES = ("config.json", "run.json", "metrics.csv", "results.json", "checkpoint.pth")
 
 
@@ -71,10 +78,36 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'node[01-04,09],login1' -> 'node01'."""
+    first = re.match(r"[^,\[]*(\[[^\]]*\])?[^,]*", nodelist.strip()).group(0)
+    bracket = re.search(r"\[([^\]]*)\]", first)
+    if bracket is None:
+        return first
+    start = re.split(r"[-,]", bracket.group(1))[0]
+    return first[: bracket.start()] + start + first[bracket.end() :]
+
+
+def slurm_environment() -> None:
+    """Under `srun` with several tasks and no torchrun, describe the process group as torchrun
+    would: RANK, WORLD_SIZE, LOCAL_RANK from SLURM's task variables, MASTER_ADDR the first host
+    of the job, MASTER_PORT from the job id (unless set), so `srun pirl-tools ...` runs DDP."""
+    env = os.environ
+    if "WORLD_SIZE" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_NODELIST", "127.0.0.1")))
+    env.setdefault("MASTER_PORT", str(20_000 + int(env.get("SLURM_JOB_ID", "0")) % 20_000))
+
+
 def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
-    """Join the process group torchrun (or our spawner) describes in the environment, if any,
-    and return (rank, world size, this process's device: cuda:LOCAL_RANK under DDP on GPU)."""
+    """Join the process group torchrun, srun (SLURM) or our spawner describes in the
+    environment, if any, and return (rank, world size, this process's device:
+    cuda:LOCAL_RANK under DDP on GPU)."""
     dev = resolve_device(device)
+    slurm_environment()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     rank, size = world()
@@ -82,6 +115,46 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(dev)
     return rank, size, dev
+
+
+class _LogLines(io.TextIOBase):
+    """A file for tqdm that turns each refresh into one plain line on stderr."""
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").strip()
+        if line:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        return len(text)
+
+
+def progress(
+    iterable: Iterable[Any] | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    initial: int = 0,
+) -> tqdm:
+    """A progress bar on a terminal; elsewhere (a cluster job's log file) one plain line every
+    $PIRL_TOOLS_PROGRESS_SECONDS (60) and a last one at the end, so a 25,000-iteration run does
+    not fill its log. Silent on every rank but 0."""
+    quiet = world()[0] != 0
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, initial=initial, leave=False, disable=quiet)
+    every = float(os.environ.get(PROGRESS_ENV, "60"))
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        initial=initial,
+        disable=quiet,
+        file=_LogLines(),
+        mininterval=every,
+        maxinterval=max(every, 1e-3),
+        miniters=1,
+        ascii=True,
+        ncols=100,
+    )
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
@@ -237,6 +310,7 @@ class RunDir:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self.logger = MetricLogger()  # start() sets the one --logger names
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -283,11 +357,13 @@ class RunDir:
         allow_change: Sequence[str] = (),
         record: Mapping[str, Any] | None = None,
         checkpoint: str = "checkpoint.pth",
+        logger: str = "none",
     ) -> None:
         """Claim the folder for `command` (rank 0; the other ranks of a DDP run leave the folder
-        to it): check(), remove temp files of a killed write, and write config.json (what
-        --config reads back) and run.json (environment and command line of every invocation).
-        `checkpoint` is the file a resume continues from (a backend may keep its own)."""
+        to it): check(), remove temp files of a killed write, write config.json (what --config
+        reads back) and run.json (environment and command line of every invocation), and open
+        the metrics logger (`logger`: none, tensorboard, wandb). `checkpoint` is the file a
+        resume continues from (a backend may keep its own)."""
         if world()[0] != 0:
             return
         self.check(
@@ -309,6 +385,7 @@ class RunDir:
         runs.append({**environment(device), **(record or {})})
         body = {"command": command, "invocations": runs}
         atomic_write_bytes(self.path("run.json"), json.dumps(body, indent=2, default=str).encode())
+        self.logger = make_logger(logger, self.root, _jsonable(config))
 
     def _writable(self) -> None:
         try:
@@ -408,9 +485,12 @@ class RunDir:
             if new:
                 writer.writeheader()
             writer.writerow(dict(row))
+        self.logger.log(row)
 
     def write_results(self, results: Mapping[str, Any]) -> Path:
-        """Write results.json atomically."""
+        """Write results.json atomically; the run is over, so the metrics logger is closed."""
         data = json.dumps(dict(results), indent=2, sort_keys=True, default=str).encode()
         atomic_write_bytes(self.path("results.json"), data)
+        self.logger.close()
+        self.logger = MetricLogger()
         return self.path("results.json")

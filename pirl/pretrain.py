@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from pirl.augment import PHOTOMETRIC_P, BatchAugment, CropTransform, PhotometricSpec
 from pirl.data import (
@@ -40,6 +39,7 @@ from pirl.engine import (
     epoch_loader,
     epoch_seed,
     param_groups,
+    progress,
     require_at_least,
     resolve_device,
     seed_everything,
@@ -139,6 +139,7 @@ class PretrainConfig:
     resume: bool = False
     overwrite: bool = False  # replace an existing run in `out`
     allow_change: tuple[str, ...] = ()  # settings a --resume may change (e.g. epochs)
+    logger: str = "none"  # metrics also to tensorboard or wandb (pirl/loggers.py)
     # kNN monitor: every eval_every epochs (0: never), top-1 of the trunk on val_data/val with
     # val_data/train as the labelled neighbours (the embedded set's split by default).
     eval_every: int | None = None
@@ -421,6 +422,7 @@ def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
         resume=cfg.resume,
         overwrite=cfg.overwrite,
         allow_change=cfg.allow_change,
+        logger=cfg.logger,
     )
     if cfg.num_negatives > len(images) and rank == 0 and cfg.method != "jigsaw":
         log.warning(
@@ -454,12 +456,8 @@ def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
         loader = epoch_loader(dataset, *loader_args, epoch, cfg.num_workers, collate_skipping)
         model.train()
         seen, skipped, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
-        bar = tqdm(
-            prefetched(loader, device),
-            total=len(loader),
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=rank != 0,
-            leave=False,
+        bar = progress(
+            prefetched(loader, device), total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}"
         )
         for batch, n_bad in bar:
             skipped += n_bad

@@ -119,7 +119,8 @@ def runtime_options(
 
 
 def run_folder_options(resume: bool = True) -> Callable[[F], F]:
-    """--overwrite (and with --resume, --allow-change) for commands that write a run folder."""
+    """--overwrite (and for training commands --resume, --allow-change, --logger) for commands
+    that write a run folder."""
 
     def deco(f: F) -> F:
         f = click.option(
@@ -127,6 +128,14 @@ def run_folder_options(resume: bool = True) -> Callable[[F], F]:
         )(f)
         if not resume:
             return f
+        f = click.option(
+            "--logger",
+            type=LazyChoice("pirl.loggers:LOGGERS"),
+            default="none",
+            show_default=True,
+            help="Also send the metrics to TensorBoard (event files in OUT/tensorboard) or "
+            "Weights & Biases (OUT/wandb; offline unless $WANDB_MODE is set).",
+        )(f)
         f = click.option(
             "--allow-change",
             multiple=True,

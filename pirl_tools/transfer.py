@@ -447,6 +447,7 @@ def detection(weights: tuple[str, ...], **opts: Any) -> None:
             resume=bool(opts["resume"]),
             overwrite=bool(opts["overwrite"]),
             allow_change=tuple(opts["allow_change"]),
+            logger=str(opts["logger"]),
             backend=str(opts["backend"]),
         )
         results = run_detection(cfg)

@@ -31,10 +31,10 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
-from tqdm import tqdm
 
 from pirl.engine import (
     RunDir,
+    progress,
     require_at_least,
     resolve_device,
     seed_everything,
@@ -263,6 +263,7 @@ class DetectionConfig:
     resume: bool = False
     overwrite: bool = False
     allow_change: tuple[str, ...] = ()
+    logger: str = "none"  # metrics also to tensorboard or wandb (pirl/loggers.py)
     backend: str = "torchvision"
 
     def schedule(self) -> Schedule:
@@ -311,7 +312,7 @@ def detect(
         data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate
     )
     rows: list[tuple[str, int, float, list[float]]] = []
-    for imgs, _, idx in tqdm(loader, desc="detect", disable=rank != 0, leave=False):
+    for imgs, _, idx in progress(loader, desc="detect"):
         outputs = model([im.to(device) for im in imgs])
         for i, out in zip(idx, outputs, strict=True):
             boxes = out["boxes"].cpu().double()
@@ -359,16 +360,21 @@ def markdown_row(name: str, results: dict[str, Any]) -> str:
     return f"| {name} | {results['AP']:.1f} | {results['AP50']:.1f} | {results['AP75']:.1f} |"
 
 
-def _claim(cfg: DetectionConfig, device: torch.device, devkit: Path, source: str,
-           classes: list[str], checkpoint: str = "checkpoint.pth") -> str:  # fmt: skip
-    """Claim cfg.out as a `transfer detection` run (the guard, the resume check); the name."""
+def _claim(
+    cfg: DetectionConfig, device: torch.device, devkit: Path, source: str, classes: list[str],
+    checkpoint: str = "checkpoint.pth",
+) -> tuple[str, RunDir]:  # fmt: skip
+    """Claim cfg.out as a `transfer detection` run (the guard, the resume check, the logger);
+    the method's name and the run folder."""
     name = cfg.name or (Path(cfg.weights).stem if cfg.weights else "random")
-    RunDir(cfg.out).start(
+    run = RunDir(cfg.out)
+    run.start(
         "transfer detection", {**asdict(cfg), "data": str(devkit), "name": name}, device,
         resume=cfg.resume, overwrite=cfg.overwrite, allow_change=cfg.allow_change,
         record={"weights_source": source, "classes": classes}, checkpoint=checkpoint,
+        logger=cfg.logger,
     )  # fmt: skip
-    return name
+    return name, run
 
 
 def _restore(model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> int:
@@ -391,8 +397,8 @@ def run_detection(cfg: DetectionConfig) -> dict[str, Any]:
     devkit, train, test, year, split = _splits(cfg)
     classes = voc_classes(train + test)
     trunk, source = _load_trunk(cfg)
-    name = _claim(cfg, device, devkit, source, classes)
-    run, main = RunDir(cfg.out), rank == 0
+    name, run = _claim(cfg, device, devkit, source, classes)
+    main = rank == 0
     model = build_c4_detector(
         trunk, len(classes), cfg.train_sizes, cfg.test_size, cfg.max_size, 2,
         cfg.roi_batch_size, cfg.proposals,
@@ -410,9 +416,7 @@ def run_detection(cfg: DetectionConfig) -> dict[str, Any]:
             f"{devkit}: {len(dataset)} training images, fewer than --batch-size {sched.batch_size}"
         )
     batches = _endless_batches(dataset, per_rank, cfg.seed, start, rank, world, cfg.num_workers)
-    bar = tqdm(
-        total=sched.iters, initial=start, desc="detection", disable=rank != 0, dynamic_ncols=True
-    )
+    bar = progress(total=sched.iters, initial=start, desc="detection")
     net.train()
     t0 = time.time()
     for it in range(start, sched.iters):
@@ -560,7 +564,7 @@ def run_detectron2(cfg: DetectionConfig) -> dict[str, Any]:
     devkit, train, test, year, split = _splits(cfg)
     classes = voc_classes(train + test)
     trunk, source = _load_trunk(cfg)
-    name = _claim(cfg, resolve_device(cfg.device), devkit, source, classes, D2_CHECKPOINT)
+    name, run = _claim(cfg, resolve_device(cfg.device), devkit, source, classes, D2_CHECKPOINT)
     yaml_path, _ = write_detectron2_handover(cfg, trunk, len(classes))
     from detectron2.config import get_cfg
     from detectron2.data.datasets import register_pascal_voc
@@ -585,7 +589,6 @@ def run_detectron2(cfg: DetectionConfig) -> dict[str, Any]:
     results = {k: float(bbox[k]) for k in ("AP", "AP50", "AP75")}
     results["metric"] = "voc07-11point" if year == "2007" else "area"
     results.update(method=name, weights=source, backend="detectron2", iterations=cfg.iters)
-    run = RunDir(cfg.out)
     run.write_results(results)
     run.path("table1_row.md").write_text(markdown_row(name, results) + "\n")
     return results

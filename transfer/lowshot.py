@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchvision import transforms as T
-from tqdm import tqdm
 
 from pirl.data import ImageDataset, ImageList, embedded_root, list_images
 from pirl.engine import (
@@ -41,6 +40,7 @@ from pirl.engine import (
     epoch_loader,
     epoch_seed,
     param_groups,
+    progress,
     require_at_least,
     seed_everything,
     setup_distributed,
@@ -260,6 +260,7 @@ class LowshotConfig:
     resume: bool = False
     overwrite: bool = False
     allow_change: tuple[str, ...] = ()
+    logger: str = "none"  # metrics also to tensorboard or wandb (pirl/loggers.py)
 
     def resolved(self) -> LowshotConfig:
         """Fill every None from the paper (given --data) or the embedded default (no --data)."""
@@ -395,6 +396,7 @@ def finetune(cfg: LowshotConfig) -> dict[str, Any]:
         resume=cfg.resume,
         overwrite=cfg.overwrite,
         allow_change=cfg.allow_change,
+        logger=cfg.logger,
         record={"encoder": encoder.source, "arch": encoder.arch, "width": encoder.width},
     )
     torch.manual_seed(cfg.seed)
@@ -422,12 +424,7 @@ def finetune(cfg: LowshotConfig) -> dict[str, Any]:
             group["lr"] = group["base_lr"] * lr_factor(epoch, cfg.milestones)
         net.train()
         seen, correct, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
-        bar = tqdm(
-            loader,
-            desc=f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}",
-            disable=rank != 0,
-            leave=False,
-        )
+        bar = progress(loader, desc=f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}")
         for x, y, _ in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = net(x)
