@@ -395,7 +395,7 @@ class KnnMonitor:
             num_workers=self.cfg.num_workers,
             progress=False,
         )
-        return 100 * acc[KNN_K]
+        return acc[KNN_K]
 
 
 def make_trainer(
