@@ -64,9 +64,11 @@ def _named_weights(name_key: str) -> Any:
 @data_option("Benchmark folder in its real layout (see transfer/datasets.py); omitted: embedded.")
 @click.option(
     "--layer",
-    type=LazyChoice("transfer.linear_probe:LAYER_CHOICES"),
     default="res5",
     show_default=True,
+    help="conv1, res2, res3, res4, res5, res5avg, a comma list, or all (conv1..res5, the "
+    "paper's Fig. 5): every layer from one pass over the data, each with its probe, in one run "
+    "folder with layers.csv/.md and the per-layer plot layers.png.",
 )
 @click.option(
     "--epochs",
@@ -121,7 +123,7 @@ def _named_weights(name_key: str) -> Any:
 )
 @out_option("runs/linear")
 @runtime_options(batch_size=256)
-@run_folder_options(resume=False)
+@run_folder_options()
 def linear(
     weights: tuple[str, ...],
     features: str | None,
@@ -142,12 +144,16 @@ def linear(
         return
     if not weights:
         raise UserError("--weights is required (or --features/--labels/--split)")
+    kwargs["allow_change"] = tuple(kwargs["allow_change"])
     for name, spec, run_out in run_folders(out, encoder_specs(weights)):
         res = run_linear(f"{name}={spec}", out=run_out, **kwargs)
-        click.echo(
-            f"{name}: {res['benchmark']} {res['metric']}: {res['value']:.2f}  "
-            f"({run_out}/results.json)"
-        )
+        for layer, r in res["layers"].items():
+            click.echo(
+                f"{name}: {res['benchmark']} {layer} {res['metric']}: {r['value']:.2f}  "
+                f"({run_out}/results.json)"
+            )
+        if len(res["layers"]) > 1:
+            click.echo(f"per-layer table and plot: {run_out}/layers.md, {run_out}/layers.png")
 
 
 @transfer.command("table2")
