@@ -1,7 +1,8 @@
 """`pirl-tools transfer ...`: the paper's transfer benchmarks and its Tables 1-3.
 
-linear (Table 2's probes, one benchmark), table2 (every probe, assembled), detection and
-table1 (Table 1), lowshot and table3 (Table 3); the recipes live in transfer/.
+linear (Table 2's probes, one benchmark), knn (the weighted kNN classifier), table2 (every
+probe, assembled), detection and table1 (Table 1), lowshot and table3 (Table 3); the recipes
+live in transfer/ (knn's in analysis/knn.py).
 """
 
 from __future__ import annotations
@@ -154,6 +155,44 @@ def linear(
             )
         if len(res["layers"]) > 1:
             click.echo(f"per-layer table and plot: {run_out}/layers.md, {run_out}/layers.png")
+
+
+@transfer.command("knn")
+@config_option()
+@weights_option(required=True, help="Several: one run folder OUT/NAME each.")
+@click.option(
+    "--benchmark",
+    type=LazyChoice("analysis.knn:KNN_BENCHMARKS"),
+    default=None,
+    help="Read --data in this Table 2 layout; omitted: an ImageFolder with train/ and val/.",
+)
+@data_option(
+    "Labelled data: DIR/train (neighbours) and DIR/val (queries), one sub-folder per class, or "
+    "the --benchmark layout; omitted: the embedded set."
+)
+@click.option(
+    "--layer",
+    default="res5avg",
+    show_default=True,
+    help="A layer, a comma list or all (conv1..res5), every one from one pass over the data.",
+)
+@click.option("--k", "ks", type=int, multiple=True, help="Neighbours, repeatable [20 and 200].")
+@click.option(
+    "--image-size", type=int, default=None, help="Input side " + embedded_default(224, 32)
+)
+@out_option("runs/knn")
+@runtime_options(batch_size=256)
+@run_folder_options(resume=False)
+def knn(weights: tuple[str, ...], out: str, **kwargs: Any) -> None:
+    """Weighted kNN top-1 (%) on frozen features (NPID votes exp(s/0.07), val against train)."""
+    from analysis.knn import run_knn
+
+    for name, spec, run_out in run_folders(out, encoder_specs(weights)):
+        res = run_knn(f"{name}={spec}", run_out, **kwargs)
+        for layer, accs in res["layers"].items():
+            top1 = "  ".join(f"k={k}: {accs[f'top1_k{k}']:.2f}" for k in res["ks"])
+            click.echo(f"{name}: kNN top-1 % at {layer}  {top1}")
+        click.echo(f"run folder: {run_out} (results.json, knn.md)")
 
 
 @transfer.command("table2")

@@ -155,3 +155,50 @@ def test_random_encoders_of_different_seeds_do_not_share_features(
         assert len(_cached_files()) == seed + 1  # leave-one-out: one entry per seed
     first, second = (np.load(p) for p in _cached_files())
     assert first.shape == second.shape and not np.array_equal(first, second)
+
+
+def _knn_by_hand(xtr, ytr, xte, yte, k) -> float:
+    """scikit-learn's brute-force cosine neighbours and NPID's exp(s / 0.07) votes, in %."""
+    dist, idx = NearestNeighbors(n_neighbors=k, metric="cosine").fit(xtr).kneighbors(xte)
+    votes = np.zeros((len(xte), ytr.max() + 1))
+    np.add.at(votes, (np.arange(len(xte))[:, None], ytr[idx]), np.exp((1 - dist) / 0.07))
+    return 100 * float((votes.argmax(1) == yte).mean())
+
+
+def test_transfer_knn_command_reports_percent_per_layer_and_k(
+    tmp_path: Path, digit_images: tuple[list[np.ndarray], np.ndarray]
+) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from pirl.features import FeatureExtractor, center_crop_transform
+    from pirl_tools.main import main
+
+    data = _train_val(tmp_path / "data", digit_images)
+    out = tmp_path / "knn"
+    args = (
+        f"transfer knn --weights rnd=random:resnet18@0.125 --data {data} --layer res4,res5avg "
+        f"--k 3 --k 5 --image-size 32 --device cpu --num-workers 0 --seed 1 --out {out}"
+    ).split()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "rnd: kNN top-1 % at res5avg  k=3:" in result.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["ks"] == [3, 5] and set(res["layers"]) == {"res4", "res5avg"}
+    enc = load_encoder("random:resnet18@0.125", seed=1)
+    train, val = list_images(data / "train"), list_images(data / "val")
+    for layer in ("res4", "res5avg"):
+        ext = FeatureExtractor.for_encoder(enc, layer, device="cpu")
+        xtr, xte = (
+            np.asarray(ext.extract(s, center_crop_transform(32), progress=False), np.float64)
+            for s in (train, val)
+        )
+        for k in (3, 5):
+            want = _knn_by_hand(xtr, np.array(train.labels), xte, np.array(val.labels), k)
+            assert res["layers"][layer][f"top1_k{k}"] == pytest.approx(want)
+    assert (out / "knn.md").read_text().startswith("| model | layer | knn_k3 | knn_k5 |")
+    bad = CliRunner().invoke(
+        main, ["transfer", "knn", "--weights", "random", "--benchmark", "voc07"]
+    )
+    assert bad.exit_code == 2 and "voc07" in bad.output

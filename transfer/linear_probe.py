@@ -50,7 +50,8 @@ FIG5_LAYERS = ("conv1", "res2", "res3", "res4", "res5")  # --layer all: the pape
 METRIC = {"voc07": "mAP", "imagenet": "top1", "places205": "top1", "inat18": "top1"}
 
 
-def _image_list(split: Split) -> ImageList:
+def split_images(split: Split) -> ImageList:
+    """A benchmark split as the ImageList the extractor reads (multi-label rows: label -1)."""
     labels = split.labels.tolist() if split.labels.ndim == 1 else [-1] * len(split)
     return ImageList(Path("."), split.paths, labels, split.classes)
 
@@ -67,7 +68,7 @@ def _cached(
     """A split's features at every layer from one pass of the extractor, which keys the cache
     every evaluation shares."""
     return ext.extract_layers(
-        _image_list(split),
+        split_images(split),
         transform,
         layers,
         batch_size=batch_size,
@@ -315,7 +316,7 @@ def _linear_benchmark(
                 T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
             ]
         )
-        dataset = ImageDataset(_image_list(train_split), train_tf)
+        dataset = ImageDataset(split_images(train_split), train_tf)
 
         def train_batches(epoch: int):
             g = torch.Generator().manual_seed(seed * 1000 + epoch)
