@@ -1,5 +1,5 @@
 """The per-layer study of several encoders as one run folder: distance of each image to its
-jigsaw transform (f-g heads and every trunk stage) and weighted-kNN accuracy per layer."""
+jigsaw transform (f-g heads and every trunk stage) and weighted-kNN top-1 (%) per layer."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def layer_study(
         plot_layer_curves(
             stages,
             [(f"knn_k{k}", f"k={k}") for k in KS],
-            "weighted kNN top-1",
+            "weighted kNN top-1 (%)",
             "kNN accuracy per layer",
             run.path("knn_by_layer.png"),
         )

@@ -34,7 +34,7 @@ from pirl.safe_load import read_checkpoint
 T = TypeVar("T")
 # Settings that say where and how a run executes, not what it computes: a resume may change them.
 RUNTIME_KEYS = frozenset(
-    {"out", "device", "num_workers", "resume", "overwrite", "allow_change", "logger"}
+    {"out", "device", "num_workers", "resume", "overwrite", "allow_change", "logger", "save_every"}
 )
 # What the engine writes into a run folder (an --overwrite removes exactly these).
 PROGRESS_ENV = "PIRL_TOOLS_PROGRESS_SECONDS"

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
-from tqdm import tqdm
 
 from pirl.data import ImageDataset, ImageList, cache_dir
+from pirl.engine import progress as progress_bar
 from pirl.engine import resolve_device
 from pirl.engine import world as dist_world
 from pirl.trunk import Trunk
@@ -122,7 +122,8 @@ def _paths_fingerprint(paths: Sequence[str | Path]) -> str:
 
 
 class FeatureExtractor:
-    """A frozen trunk plus the benchmark pooling of one layer; batches go in, vectors come out.
+    """A frozen trunk plus the benchmark pooling of one layer (or several from one forward:
+    `extract_layers`, `forward_layers`); batches go in, vectors come out.
 
     Built from an `Encoder` (`for_encoder`), it caches features on disk under a key it makes
     itself from everything that decides them, so every caller asking for the same features
@@ -162,17 +163,29 @@ class FeatureExtractor:
         """An extractor whose cache is keyed on the encoder's weights, not on how it was named."""
         return cls(encoder.trunk, layer, device, grid=grid, identity=encoder.fingerprint)
 
+    def at(self, layer: str) -> FeatureExtractor:
+        """The same frozen trunk, device and weights identity at another layer (its own cache
+        entries: the key never depends on which layers were extracted together)."""
+        return FeatureExtractor(self.trunk, layer, self.device, self.amp, self.grid, self.identity)
+
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled float32 features of a batch of normalised images (N, 3, H, W) -> (N, dim)."""
+    def forward_layers(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Pooled float32 features of every layer from ONE trunk forward of a batch of
+        normalised images (N, 3, H, W): what lets several probes share each pass."""
         x = x.to(self.device, non_blocking=True)
         if self.cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            out = self.trunk(x, (self.stage,))[self.stage]
+            maps = self.trunk(x, tuple({_stage(layer) for layer in layers}))
             if self.grid is not None:
-                return pool_grid(out.float(), self.grid)
-            return pool_stage(out.float(), self.layer)
+                return {
+                    layer: pool_grid(maps[_stage(layer)].float(), self.grid) for layer in layers
+                }
+            return {layer: pool_stage(maps[_stage(layer)].float(), layer) for layer in layers}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled float32 features of a batch of normalised images (N, 3, H, W) -> (N, dim)."""
+        return self.forward_layers(x, (self.layer,))[self.layer]
 
     def _cache_path(self, images: ImageList, view: Any, dtype: str) -> Path | None:
         """One file per (weights, layer, pooling, autocast, ordered files, view, dtype), whoever
@@ -205,36 +218,63 @@ class FeatureExtractor:
         `images` (e.g. several patches per image; item[0] is the input); its repr names it in
         the cache key. Under torch.distributed each rank runs a strided shard and the shards
         are all-gathered."""
+        return self.extract_layers(
+            images, view, (self.layer,), batch_size, num_workers, dtype, progress
+        )[self.layer]
+
+    def extract_layers(
+        self,
+        images: ImageList,
+        view: Callable[..., Any] | torch.utils.data.Dataset,
+        layers: Sequence[str],
+        batch_size: int = 64,
+        num_workers: int = 0,
+        dtype: str = "float16",
+        progress: bool = True,
+    ) -> dict[str, np.ndarray]:
+        """`extract` for several layers in ONE pass over the data (one trunk forward per batch
+        for every layer not already cached); each layer is cached as if extracted alone."""
         if isinstance(view, torch.utils.data.Dataset):
             if getattr(view, "images", None) is not images:
                 raise ValueError("a data-set view must be built over the images it is asked for")
             dataset = view
         else:
             dataset = ImageDataset(images, view)
-        path = self._cache_path(images, view, dtype)
-        if path is not None and path.exists():
-            return np.load(path, mmap_mode="r")
+        paths = {layer: self.at(layer)._cache_path(images, view, dtype) for layer in layers}
+        done = {
+            layer: np.load(path, mmap_mode="r")
+            for layer, path in paths.items()
+            if path is not None and path.exists()
+        }
+        todo = [layer for layer in dict.fromkeys(layers) if layer not in done]
+        if not todo:
+            return {layer: done[layer] for layer in layers}
         rank, world = dist_world()
         n = len(dataset)
         shard = list(range(rank, n, world))
-        local = self._run(dataset, shard, batch_size, num_workers, progress and rank == 0)
-        feats = self._gather(local, n, world) if world > 1 else local.numpy()
-        if path is None:
-            return feats.astype(dtype, copy=False)
-        if rank == 0:
-            self._write_cache(path, feats, dtype)
-        if world > 1:
-            torch.distributed.barrier()
-        return np.load(path, mmap_mode="r")
+        local = self._run(dataset, shard, todo, batch_size, num_workers, progress and rank == 0)
+        for layer in todo:
+            feats = self._gather(local[layer], n, world) if world > 1 else local[layer].numpy()
+            path = paths[layer]
+            if path is None:
+                done[layer] = feats.astype(dtype, copy=False)
+                continue
+            if rank == 0:
+                self._write_cache(path, feats, dtype)
+            if world > 1:
+                torch.distributed.barrier()
+            done[layer] = np.load(path, mmap_mode="r")
+        return {layer: done[layer] for layer in layers}
 
     def _run(
         self,
         dataset: torch.utils.data.Dataset,
         indices: list[int],
+        layers: Sequence[str],
         batch_size: int,
         num_workers: int,
         progress: bool,
-    ) -> torch.Tensor:
+    ) -> dict[str, torch.Tensor]:
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(dataset, indices),
             batch_size=batch_size,
@@ -242,25 +282,25 @@ class FeatureExtractor:
             num_workers=num_workers,
             pin_memory=self.cuda,
         )
-        out = torch.empty(len(indices), self.dim)
+        out = {layer: torch.empty(len(indices), self.at(layer).dim) for layer in layers}
         i = 0
-        for batch in tqdm(
-            loader, desc=f"features {self.layer}", disable=not progress, unit="batch"
-        ):
+        batches = progress_bar(loader, desc=f"features {','.join(layers)}") if progress else loader
+        for batch in batches:
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            f = self(x).cpu()
-            out[i : i + len(f)] = f
-            i += len(f)
+            feats = self.forward_layers(x, layers)
+            for layer in layers:
+                out[layer][i : i + len(x)] = feats[layer].cpu()
+            i += len(x)
         return out
 
     def _gather(self, local: torch.Tensor, n: int, world: int) -> np.ndarray:
-        per = (n + world - 1) // world
-        padded = torch.zeros(per, self.dim, device=self.device)
+        per, dim = (n + world - 1) // world, local.shape[1]
+        padded = torch.zeros(per, dim, device=self.device)
         padded[: len(local)] = local.to(self.device)
         parts = [torch.empty_like(padded) for _ in range(world)]
         torch.distributed.all_gather(parts, padded)
         # rank r held items r, r + world, ...: stacking on dim 1 restores dataset order
-        stacked = torch.stack(parts, dim=1).reshape(per * world, self.dim)
+        stacked = torch.stack(parts, dim=1).reshape(per * world, dim)
         return stacked[:n].cpu().numpy()
 
     @staticmethod

@@ -1,16 +1,17 @@
-"""Weighted kNN classification on frozen features with an exact faiss inner-product index:
-the pretraining monitor and the analysis both score a trunk with it.
+"""Weighted kNN classification on frozen features with an exact torch search (one matrix
+product and top-k per chunk of queries, on the GPU when present): the pretraining monitor,
+`transfer knn` and the analysis all score a trunk with it.
 
 Votes follow NPID (Wu et al. 2018): a query's k nearest training features by cosine similarity
 s_j each add exp(s_j / T) (T = 0.07) to the score of their class; the top score wins. Features
-are L2-normalised first, so inner product is cosine similarity and IndexFlatIP is exact.
+are L2-normalised first, so the inner product is the cosine similarity, and the search is exact
+(what faiss's IndexFlatIP computed: float32 inner products, the k largest).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import faiss
 import numpy as np
 import torch
 
@@ -20,46 +21,45 @@ from pirl.trunk import Trunk
 
 TEMPERATURE = 0.07
 KS = (20, 200)
+CHUNK_ELEMENTS = 2**26  # similarities held at once: 256 MB of float32 per query chunk
 
 
 def unit_rows(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Float32, C-contiguous, unit-L2 rows: what faiss needs and what makes IP a cosine."""
+    """Float32, C-contiguous, unit-L2 rows: what makes the inner product a cosine."""
     x = np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return np.ascontiguousarray(x / np.maximum(norms, 1e-12))
 
 
 def gpu_available() -> bool:
-    """faiss-gpu installed and a GPU visible: then the index lives on the GPU."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    """A CUDA device visible to torch: then the index lives on it."""
+    return torch.cuda.is_available()
 
 
 class KnnIndex:
     """Exact cosine-similarity search over a fixed set of features (rows are normalised here)."""
 
     def __init__(self, feats: np.ndarray | torch.Tensor, use_gpu: bool | None = None) -> None:
-        base = unit_rows(feats)
-        self.size, self.dim = base.shape
-        index = faiss.IndexFlatIP(self.dim)
         if use_gpu is None:
             use_gpu = gpu_available()
-        if use_gpu:
-            self._res = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._res, 0, index)
-        index.add(base)
-        self.index = index
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.base = torch.from_numpy(unit_rows(feats)).to(self.device)
+        self.size, self.dim = self.base.shape
 
     def search(
         self, queries: np.ndarray | torch.Tensor, k: int, batch_size: int = 4096
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, indices), each (Q, k) best first; batched queries bound the memory."""
-        q = unit_rows(queries)
+        """(similarities, indices), each (Q, k) best first; query chunks of at most batch_size
+        rows (fewer for a large index) bound the similarity matrix held at once."""
+        q = torch.from_numpy(unit_rows(queries))
         k = min(k, self.size)
+        chunk = max(1, min(batch_size, CHUNK_ELEMENTS // max(self.size, 1)))
         sims = np.empty((len(q), k), dtype=np.float32)
         idx = np.empty((len(q), k), dtype=np.int64)
-        for start in range(0, len(q), batch_size):
-            s, i = self.index.search(q[start : start + batch_size], k)
-            sims[start : start + len(s)], idx[start : start + len(i)] = s, i
+        for start in range(0, len(q), chunk):
+            block = q[start : start + chunk].to(self.device) @ self.base.T
+            s, i = block.topk(k, dim=1)
+            sims[start : start + len(s)], idx[start : start + len(i)] = s.cpu(), i.cpu()
         return sims, idx
 
 
@@ -94,7 +94,7 @@ def knn_accuracy(
     temperature: float = TEMPERATURE,
     use_gpu: bool | None = None,
 ) -> dict[int, float]:
-    """Top-1 accuracy of the weighted vote for each k; one search serves every k.
+    """Top-1 accuracy (%) of the weighted vote for each k; one search serves every k.
 
     With `test=None` it is leave-one-out on `train` (each query's own row is excluded).
     """
@@ -111,7 +111,7 @@ def knn_accuracy(
     for k in ks:
         kk = min(k, kmax)
         pred = weighted_vote(sims[:, :kk], train_labels[idx[:, :kk]], num_classes, temperature)
-        out[int(k)] = float((pred == truth).mean())
+        out[int(k)] = 100.0 * float((pred == truth).sum()) / len(truth)
     return out
 
 
@@ -138,7 +138,7 @@ def trunk_knn(
     identity: str | None = None,
     progress: bool = True,
 ) -> dict[int, float]:
-    """kNN top-1 per k of one layer of a trunk (which FeatureExtractor freezes: pass a copy of a
+    """kNN top-1 (%) per k of one layer of a trunk (which FeatureExtractor freezes: pass a copy of a
     trunk still training) on Resize + CenterCrop inputs; `test=None` is leave-one-out.
     `identity` (an `Encoder.fingerprint`) lets the features come from and go to the shared
     cache; None (a trunk still training) computes them afresh."""

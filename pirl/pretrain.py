@@ -56,6 +56,7 @@ from pirl.nce import EPS, PirlLoss
 from pirl.plots import plot_learning_curve
 from pirl.pretext import CHECKPOINT_VERSION, PretextTrainer
 from pirl.trunk import Trunk, build_trunk
+from pirl.weights import save_safetensors, save_torchvision
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ EMBEDDED = {
     "photometric": 0.0,
 }
 KNN_K = 20  # the kNN monitor's neighbours (votes exp(s / 0.07), as NPID's)
+TRUNK_EXPORTS = ("trunk.pth", "trunk.safetensors")  # written at the end of pretraining
 
 
 @dataclass
@@ -140,6 +142,7 @@ class PretrainConfig:
     overwrite: bool = False  # replace an existing run in `out`
     allow_change: tuple[str, ...] = ()  # settings a --resume may change (e.g. epochs)
     logger: str = "none"  # metrics also to tensorboard or wandb (pirl/loggers.py)
+    save_every: int = 0  # also keep checkpoint_epoch{E}.pth every N epochs (0: never)
     # kNN monitor: every eval_every epochs (0: never), top-1 of the trunk on val_data/val with
     # val_data/train as the labelled neighbours (the embedded set's split by default).
     eval_every: int | None = None
@@ -180,7 +183,9 @@ class PretrainConfig:
             image_size=cfg.image_size,
             embed_dim=cfg.embed_dim,
         )
-        require_at_least(0, num_workers=cfg.num_workers, eval_every=cfg.eval_every)
+        require_at_least(
+            0, num_workers=cfg.num_workers, eval_every=cfg.eval_every, save_every=cfg.save_every
+        )
         if cfg.lr <= 0:
             raise UserError(f"--lr {cfg.lr}: must be positive")
         return cfg
@@ -396,7 +401,7 @@ class KnnMonitor:
             num_workers=self.cfg.num_workers,
             progress=False,
         )
-        return 100 * acc[KNN_K]
+        return acc[KNN_K]
 
 
 def make_trainer(
@@ -410,7 +415,8 @@ def make_trainer(
 
 
 def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
-    """Run (or resume) pretraining; rank 0 writes checkpoint.pth and metrics.csv each epoch."""
+    """Run (or resume) pretraining; rank 0 writes checkpoint.pth and metrics.csv each epoch,
+    checkpoint_epoch{E}.pth every --save-every epochs and the trunk exports at the end."""
     rank, world_size, device = setup_distributed(cfg.device)
     cfg = cfg.resolved()
     images = list_images(cfg.data)
@@ -424,6 +430,9 @@ def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
         allow_change=cfg.allow_change,
         logger=cfg.logger,
     )
+    if cfg.overwrite and not cfg.resume and rank == 0:  # the replaced run's snapshots, exports
+        for stale in [*run.root.glob("checkpoint_epoch*.pth"), *map(run.path, TRUNK_EXPORTS)]:
+            stale.unlink(missing_ok=True)
     if cfg.num_negatives > len(images) and rank == 0 and cfg.method != "jigsaw":
         log.warning(
             "%d negatives from %d images: each is drawn about %.0f times per sample",
@@ -484,7 +493,10 @@ def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
         trainer.epoch += 1
         seconds = time.perf_counter() - t0
         if rank == 0:
-            run.save_checkpoint(trainer.state())
+            state = trainer.state()
+            run.save_checkpoint(state)
+            if cfg.save_every and trainer.epoch % cfg.save_every == 0:
+                run.save_checkpoint(state, snapshot_name(trainer.epoch))
             knn = None
             if monitor is not None and (
                 trainer.epoch % cfg.eval_every == 0 or trainer.epoch == cfg.epochs
@@ -510,9 +522,26 @@ def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
                 "" if knn is None else f" kNN top-1 {knn:.1f}%",
                 f" ({skipped} unreadable images skipped)" if skipped else "",
             )
+    if rank == 0 and (trained or not run.path(TRUNK_EXPORTS[0]).exists()):
+        export_trunk(run, trainer.model.trunk)
     if rank == 0 and (trained or not run.path("results.json").exists()):
         summarize(cfg, run, monitor, trainer.model.trunk, trainer.chance_loss(len(images)))
     return trainer
+
+
+def snapshot_name(epoch: int) -> str:
+    """The file of the --save-every snapshot after `epoch` epochs (checkpoint.pth's layout)."""
+    return f"checkpoint_epoch{epoch}.pth"
+
+
+def export_trunk(run: RunDir, trunk: Trunk) -> tuple[Path, Path]:
+    """The trained trunk alone in torchvision's layout (no fc), as trunk.pth and
+    trunk.safetensors, so torchvision, timm or detectron2 users load it without pirl-tools."""
+    state = trunk.state_dict()
+    return (
+        save_torchvision(state, run.path(TRUNK_EXPORTS[0])),
+        save_safetensors(state, run.path(TRUNK_EXPORTS[1])),
+    )
 
 
 def summarize(

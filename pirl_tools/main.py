@@ -4,7 +4,6 @@ place where a user error becomes `error: ...` and exit code 2."""
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 from typing import Any
 
@@ -91,7 +90,6 @@ def _close_distributed() -> None:
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """PIRL pretraining and the paper's evaluations for any ResNet encoder."""
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # its CPU-feature probing is no news
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     ctx.call_on_close(_close_distributed)

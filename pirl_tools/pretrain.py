@@ -157,6 +157,14 @@ from pirl_tools.options import (
     help="Labelled folder for the kNN monitor: DIR/train (neighbours) and DIR/val (queries), "
     "one sub-folder per class [embedded: the embedded set's split].",
 )
+@click.option(
+    "--save-every",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Also keep OUT/checkpoint_epoch{E}.pth every N epochs (checkpoint.pth, which --resume "
+    "continues from, is rewritten every epoch); 0: never.",
+)
 @click.option("--skip-bad-images", is_flag=True, help="Skip unreadable images (counted).")
 @run_folder_options()
 @click.option(
@@ -167,11 +175,12 @@ from pirl_tools.options import (
     help="Local DDP processes (or launch with torchrun ... -m pirl_tools pretrain).",
 )
 def pretrain(nproc: int, **kwargs: Any) -> None:
-    """Pretrain a trunk with PIRL (or NPID++, Jigsaw) and write OUT/checkpoint.pth."""
+    """Pretrain a trunk with PIRL (or NPID++, Jigsaw) and write OUT/checkpoint.pth, and at the
+    end the trunk alone in torchvision's layout (OUT/trunk.pth, OUT/trunk.safetensors)."""
     import logging
     from pathlib import Path
 
-    from pirl.pretrain import PretrainConfig, pretrain_multiprocess
+    from pirl.pretrain import TRUNK_EXPORTS, PretrainConfig, pretrain_multiprocess
     from pirl.pretrain import pretrain as run_pretrain
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -189,6 +198,8 @@ def pretrain(nproc: int, **kwargs: Any) -> None:
         results = probe_against_untrained(cfg.out, cfg.device, cfg.num_workers, cfg.seed)
         click.echo(comparison(cfg.method, results))
     click.echo(f"checkpoint: {ckpt}")
+    exports = ", ".join(str(Path(cfg.out) / name) for name in TRUNK_EXPORTS)
+    click.echo(f"trunk in torchvision's layout (no fc): {exports}")
     click.echo(
         f"evaluate it: pirl-tools transfer linear --weights {cfg.method}={ckpt} --benchmark voc07"
     )

@@ -1,7 +1,8 @@
 """`pirl-tools transfer ...`: the paper's transfer benchmarks and its Tables 1-3.
 
-linear (Table 2's probes, one benchmark), table2 (every probe, assembled), detection and
-table1 (Table 1), lowshot and table3 (Table 3); the recipes live in transfer/.
+linear (Table 2's probes, one benchmark), knn (the weighted kNN classifier), table2 (every
+probe, assembled), detection and table1 (Table 1), lowshot and table3 (Table 3); the recipes
+live in transfer/ (knn's in analysis/knn.py).
 """
 
 from __future__ import annotations
@@ -64,9 +65,11 @@ def _named_weights(name_key: str) -> Any:
 @data_option("Benchmark folder in its real layout (see transfer/datasets.py); omitted: embedded.")
 @click.option(
     "--layer",
-    type=LazyChoice("transfer.linear_probe:LAYER_CHOICES"),
     default="res5",
     show_default=True,
+    help="conv1, res2, res3, res4, res5, res5avg, a comma list, or all (conv1..res5, the "
+    "paper's Fig. 5): every layer from one pass over the data, each with its probe, in one run "
+    "folder with layers.csv/.md and the per-layer plot layers.png.",
 )
 @click.option(
     "--epochs",
@@ -121,7 +124,7 @@ def _named_weights(name_key: str) -> Any:
 )
 @out_option("runs/linear")
 @runtime_options(batch_size=256)
-@run_folder_options(resume=False)
+@run_folder_options()
 def linear(
     weights: tuple[str, ...],
     features: str | None,
@@ -142,12 +145,54 @@ def linear(
         return
     if not weights:
         raise UserError("--weights is required (or --features/--labels/--split)")
+    kwargs["allow_change"] = tuple(kwargs["allow_change"])
     for name, spec, run_out in run_folders(out, encoder_specs(weights)):
         res = run_linear(f"{name}={spec}", out=run_out, **kwargs)
-        click.echo(
-            f"{name}: {res['benchmark']} {res['metric']}: {res['value']:.2f}  "
-            f"({run_out}/results.json)"
-        )
+        for layer, r in res["layers"].items():
+            click.echo(
+                f"{name}: {res['benchmark']} {layer} {res['metric']}: {r['value']:.2f}  "
+                f"({run_out}/results.json)"
+            )
+        if len(res["layers"]) > 1:
+            click.echo(f"per-layer table and plot: {run_out}/layers.md, {run_out}/layers.png")
+
+
+@transfer.command("knn")
+@config_option()
+@weights_option(required=True, help="Several: one run folder OUT/NAME each.")
+@click.option(
+    "--benchmark",
+    type=LazyChoice("analysis.knn:KNN_BENCHMARKS"),
+    default=None,
+    help="Read --data in this Table 2 layout; omitted: an ImageFolder with train/ and val/.",
+)
+@data_option(
+    "Labelled data: DIR/train (neighbours) and DIR/val (queries), one sub-folder per class, or "
+    "the --benchmark layout; omitted: the embedded set."
+)
+@click.option(
+    "--layer",
+    default="res5avg",
+    show_default=True,
+    help="A layer, a comma list or all (conv1..res5), every one from one pass over the data.",
+)
+@click.option("--k", "ks", type=int, multiple=True, help="Neighbours, repeatable [20 and 200].")
+@click.option(
+    "--image-size", type=int, default=None, help="Input side " + embedded_default(224, 32)
+)
+@out_option("runs/knn")
+@runtime_options(batch_size=256)
+@run_folder_options(resume=False)
+def knn(weights: tuple[str, ...], out: str, **kwargs: Any) -> None:
+    """Weighted kNN top-1 (%) on frozen features (NPID votes exp(s/0.07), val against train)."""
+    from analysis.knn import run_knn
+
+    for name, spec, run_out in run_folders(out, encoder_specs(weights)):
+        res = run_knn(f"{name}={spec}", run_out, **kwargs)
+        for layer, accs in res["layers"].items():
+            top1 = "  ".join(f"k={k}: {accs[f'top1_k{k}']:.2f}" for k in res["ks"])
+            click.echo(f"{name}: kNN top-1 % at {layer}  {top1}")
+        click.echo(f"run folder: {run_out} (results.json, knn.md)")
 
 
 @transfer.command("table2")

@@ -13,7 +13,7 @@ from transfer.classifiers import (
     scaled_schedule,
     solve_squared_hinge,
     topk_correct,
-    train_probe,
+    train_probes,
     voc07_svm,
 )
 
@@ -149,19 +149,18 @@ def test_probe_learns_separable_classes_and_fails_on_shuffled_labels():
         order = np.random.default_rng(seed).permutation(len(xs))
         for i in range(0, len(xs), 32):
             j = order[i : i + 32]
-            yield torch.tensor(xs[j]), torch.tensor(ys[j])
+            yield {"f": torch.tensor(xs[j])}, torch.tensor(ys[j])
 
     def run(labels):
-        return train_probe(
+        return train_probes(
             lambda e: batches(x[:300], labels[:300], e),
             lambda: batches(x[300:], y[300:], 0),
-            dim=16,
-            channels=16,
+            {"f": (16, 16)},
             classes=4,
             epochs=8,  # PyTorch's Linear init starts from larger logits than std 0.01 did
             milestones=(6,),
             batch_size=32,
-        )
+        )["f"]
 
     assert run(y)["top1"] > 95
     assert run(rng.permutation(y))["top1"] < 60
@@ -392,3 +391,131 @@ def test_cli_linear_probe_on_imagefolder_and_user_errors(bench_roots, tmp_path):
         ]
     )
     assert res.exit_code == 2 and "train_places205.csv: file not found" in res.output
+
+
+def _probe_data(root, digit_images):
+    """ImageFolder train/ (24 images) and val/ (12) of 3 classes: the ImageNet layout."""
+    from tests.conftest import write_image_folder
+
+    images, labels = digit_images
+    keep = [i for i in range(len(labels)) if labels[i] < 3][:36]
+    write_image_folder(root / "train", [images[i] for i in keep[:24]], labels[keep[:24]])
+    write_image_folder(root / "val", [images[i] for i in keep[24:]], labels[keep[24:]])
+    return root
+
+
+PROBE_KW = dict(device="cpu", num_workers=0, image_size=32, epochs=3, batch_size=8, seed=2)
+
+
+def _metrics(path):
+    import csv
+
+    return list(csv.DictReader(open(path, newline="")))
+
+
+def test_layers_from_one_pass_equal_the_per_layer_runs(tmp_path, digit_images):
+    import json
+
+    from pirl.data import list_images
+    from pirl.features import FeatureExtractor, center_crop_transform
+    from pirl.safe_load import read_checkpoint
+    from pirl.weights import load_encoder
+    from transfer.linear_probe import run_linear
+
+    data = _probe_data(tmp_path / "data", digit_images)
+    out = tmp_path / "all"
+    args = (
+        "transfer linear --weights rnd=random:resnet18@0.125 --benchmark imagenet "
+        f"--data {data} --layer conv1,res3,res5 --image-size 32 --epochs 3 --batch-size 8 "
+        f"--seed 2 --device cpu --num-workers 0 --out {out}"
+    ).split()
+    result = _cli(args)
+    assert result.exit_code == 0, result.output
+    assert f"{out}/layers.md" in result.output
+    together = json.loads((out / "results.json").read_text())
+    rows = _metrics(out / "metrics.csv")
+    assert list(rows[0]) == ["layer", "epoch", "loss", "lr", "val_top1", "val_top5"]
+    classifier = read_checkpoint(out / "classifier.pth")
+    enc = load_encoder("random:resnet18@0.125", seed=2)
+    val = list_images(data / "val")
+    for layer in ("conv1", "res3", "res5"):
+        alone = run_linear(
+            "rnd=random:resnet18@0.125", "imagenet", data, layer, tmp_path / layer, **PROBE_KW
+        )
+        got = together["layers"][layer]
+        assert (got["top1"], got["top5"]) == (alone["top1"], alone["top5"]), layer
+        mine = [{k: v for k, v in r.items() if k != "layer"} for r in rows if r["layer"] == layer]
+        assert mine == [
+            {k: v for k, v in r.items() if k != "layer"}
+            for r in _metrics(tmp_path / layer / "metrics.csv")
+        ]
+        assert [float(r["val_top1"]) for r in mine][-1] == got["top1"]
+        single = read_checkpoint(tmp_path / layer / "classifier.pth")["layers"][layer]
+        for k, v in classifier["layers"][layer].items():
+            assert torch.equal(v, single[k]), f"{layer}.{k}"
+        # the saved classifier on features computed here gives the reported top-1
+        dim, channels = classifier["shapes"][layer]
+        probe = LinearProbe(channels, dim, 3)
+        probe.load_state_dict(classifier["layers"][layer])
+        ext = FeatureExtractor(enc.trunk, layer, device="cpu")
+        feats = ext.extract(val, center_crop_transform(32), progress=False)
+        with torch.no_grad():
+            pred = probe.eval()(torch.from_numpy(np.asarray(feats, dtype=np.float32))).argmax(1)
+        assert 100 * float((pred.numpy() == np.array(val.labels)).mean()) == pytest.approx(
+            got["top1"]
+        )
+    table = (out / "layers.csv").read_text().splitlines()
+    assert table[0] == "model,layer,dim,top1,top5" and len(table) == 4
+    assert (out / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_probe_resume_after_a_crash_equals_the_uninterrupted_run(
+    tmp_path, digit_images, monkeypatch
+):
+    import transfer.classifiers as classifiers
+    from pirl.safe_load import read_checkpoint
+    from transfer.linear_probe import run_linear
+
+    data = _probe_data(tmp_path / "data", digit_images)
+    spec = "rnd=random:resnet18@0.125"
+    full = run_linear(spec, "imagenet", data, "res2,res5", tmp_path / "full", **PROBE_KW)
+    real = classifiers._evaluate
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the end of epoch 3: epochs 1 and 2 are checkpointed
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(classifiers, "_evaluate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_linear(spec, "imagenet", data, "res2,res5", tmp_path / "cut", **PROBE_KW)
+    monkeypatch.setattr(classifiers, "_evaluate", real)
+    assert read_checkpoint(tmp_path / "cut" / "checkpoint.pth")["epoch"] == 2
+    resumed = run_linear(
+        spec, "imagenet", data, "res2,res5", tmp_path / "cut", resume=True, **PROBE_KW
+    )
+    assert resumed["layers"] == full["layers"]
+    assert _metrics(tmp_path / "cut" / "metrics.csv") == _metrics(tmp_path / "full" / "metrics.csv")
+    a, b = (read_checkpoint(tmp_path / r / "classifier.pth")["layers"] for r in ("full", "cut"))
+    for layer in a:
+        for k in a[layer]:
+            assert torch.equal(a[layer][k], b[layer][k]), f"{layer}.{k}"
+
+
+def test_probe_resume_from_a_checkpoint_that_does_not_fit_is_one_line(tmp_path, digit_images):
+    from pirl.errors import UserError
+    from pirl.safe_load import read_checkpoint
+    from transfer.linear_probe import run_linear
+
+    data = _probe_data(tmp_path / "data", digit_images)
+    spec = "rnd=random:resnet18@0.125"
+    run_linear(spec, "imagenet", data, "res5", tmp_path / "run", **PROBE_KW)
+    ckpt = read_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    ckpt["probes"]["res5"]["fc.weight"] = ckpt["probes"]["res5"]["fc.weight"][:, :3]
+    torch.save(ckpt, tmp_path / "run" / "checkpoint.pth")
+    with pytest.raises(UserError) as err:
+        run_linear(spec, "imagenet", data, "res5", tmp_path / "run", resume=True, **PROBE_KW)
+    assert "checkpoint.pth: cannot resume from this checkpoint (" in str(err.value)
+    assert "\n" not in str(err.value)

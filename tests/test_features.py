@@ -181,3 +181,25 @@ def test_voc07_input_is_vissls_two_resizes_not_one():
     assert (got - one(img)).abs().max() > 0.5
     # The cached features of the old single-resize input are not served for the new one.
     assert repr(resize_transform(224)) != repr(one)
+
+
+def test_several_layers_come_from_one_pass_and_equal_each_layer_alone(tmp_path):
+    images = _image_set(tmp_path, 12)
+    tf = center_crop_transform(32)
+    layers = ["conv1", "res3", "res5", "res5avg"]
+    enc = load_encoder("random:resnet18@0.125", seed=4)
+    calls = _counting(enc)
+    ext = FeatureExtractor.for_encoder(enc, "res5", device="cpu")
+    together = ext.extract_layers(images, tf, layers, batch_size=5, progress=False)
+    assert len(calls) == 3  # 12 images in batches of 5: one trunk forward per batch in all
+    assert len(_cached_files()) == 4  # one entry per layer, keyed as if extracted alone
+    for layer in layers:  # cache hits now; recompute alone, uncached, and compare
+        hit = FeatureExtractor.for_encoder(enc, layer, device="cpu").extract(
+            images, tf, batch_size=5, progress=False
+        )
+        alone = FeatureExtractor(enc.trunk, layer, device="cpu").extract(
+            images, tf, batch_size=5, progress=False
+        )
+        np.testing.assert_array_equal(together[layer], hit)
+        np.testing.assert_array_equal(together[layer], alone)
+    assert len(calls) == 3 + 4 * 3  # the hits ran nothing; the uncached runs 3 batches each

@@ -1,4 +1,5 @@
-"""faiss kNN: neighbours equal scikit-learn's brute force; votes equal a hand computation."""
+"""Torch kNN search: neighbours equal scikit-learn's brute force and faiss's IndexFlatIP (the
+search it replaced); votes equal a hand computation; accuracies in percent."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 from sklearn.neighbors import NearestNeighbors
 
 from analysis.knn import encoder_knn
@@ -24,6 +26,43 @@ def test_neighbours_equal_sklearn_brute_force_cosine() -> None:
     dist, ref = nn.kneighbors(queries)
     np.testing.assert_array_equal(idx, ref)
     np.testing.assert_allclose(sims, 1 - dist, atol=1e-5)
+
+
+def test_search_equals_faiss_flat_ip_and_gives_the_same_accuracies() -> None:
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(1)
+    protos = rng.normal(size=(10, 64))
+    ytr, yq = rng.integers(0, 10, 3000), rng.integers(0, 10, 400)
+    train = np.maximum(0, protos[ytr] + 2 * rng.normal(size=(3000, 64))).astype(np.float32)
+    queries = np.maximum(0, protos[yq] + 2 * rng.normal(size=(400, 64))).astype(np.float32)
+    flat = faiss.IndexFlatIP(64)
+    flat.add(unit_rows(train))
+    ref_sims, ref_idx = flat.search(unit_rows(queries), 200)
+    sims, idx = KnnIndex(train, use_gpu=False).search(queries, 200, batch_size=64)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-6)
+    swapped = idx != ref_idx  # only neighbours whose similarities tie to float32 precision
+    assert swapped.mean() < 0.01
+    np.testing.assert_allclose(sims[swapped], ref_sims[swapped], atol=1e-6)
+    for k in (20, 200):
+        ours = weighted_vote(sims[:, :k], ytr[idx[:, :k]], 10)
+        np.testing.assert_array_equal(ours, weighted_vote(ref_sims[:, :k], ytr[ref_idx[:, :k]], 10))
+    acc = knn_accuracy(train, ytr, queries, yq, use_gpu=False)
+    by_hand = {
+        k: 100 * float((weighted_vote(ref_sims[:, :k], ytr[ref_idx[:, :k]], 10) == yq).mean())
+        for k in (20, 200)
+    }
+    assert acc == pytest.approx(by_hand, abs=1e-9)
+
+
+def test_large_index_searches_in_bounded_chunks(monkeypatch) -> None:
+    import pirl.knn
+
+    monkeypatch.setattr(pirl.knn, "CHUNK_ELEMENTS", 1000)  # 200-row index: 5 queries a chunk
+    rng = np.random.default_rng(2)
+    base, queries = rng.normal(size=(200, 8)), rng.normal(size=(23, 8))
+    sims, idx = KnnIndex(base, use_gpu=False).search(queries, 7)
+    exact = unit_rows(queries).astype(np.float64) @ unit_rows(base).T.astype(np.float64)
+    np.testing.assert_array_equal(idx, np.argsort(-exact, axis=1)[:, :7])
 
 
 def test_k_larger_than_index_is_clipped() -> None:
@@ -52,10 +91,10 @@ def test_knn_accuracy_against_hand_built_clusters() -> None:
     test = np.array([[2.0, 0.1], [-3.0, 0.0], [-1.0, 0.2], [1.0, 1.0]])
     truth = np.array([0, 1, 0, 0])
     acc = knn_accuracy(train, labels, test, truth, ks=(1, 3, 200), use_gpu=False)
-    assert acc == {1: 0.75, 3: 0.75, 200: 0.75}
+    assert acc == {1: 75.0, 3: 75.0, 200: 75.0}
     # with k = 200 (all six) the weighted vote still follows the nearer cluster
     loo = knn_accuracy(train, labels, None, None, ks=(2, 200), use_gpu=False)
-    assert loo == {2: 1.0, 200: 1.0}
+    assert loo == {2: 100.0, 200: 100.0}
 
 
 def test_leave_one_out_excludes_the_query_itself() -> None:
@@ -116,3 +155,50 @@ def test_random_encoders_of_different_seeds_do_not_share_features(
         assert len(_cached_files()) == seed + 1  # leave-one-out: one entry per seed
     first, second = (np.load(p) for p in _cached_files())
     assert first.shape == second.shape and not np.array_equal(first, second)
+
+
+def _knn_by_hand(xtr, ytr, xte, yte, k) -> float:
+    """scikit-learn's brute-force cosine neighbours and NPID's exp(s / 0.07) votes, in %."""
+    dist, idx = NearestNeighbors(n_neighbors=k, metric="cosine").fit(xtr).kneighbors(xte)
+    votes = np.zeros((len(xte), ytr.max() + 1))
+    np.add.at(votes, (np.arange(len(xte))[:, None], ytr[idx]), np.exp((1 - dist) / 0.07))
+    return 100 * float((votes.argmax(1) == yte).mean())
+
+
+def test_transfer_knn_command_reports_percent_per_layer_and_k(
+    tmp_path: Path, digit_images: tuple[list[np.ndarray], np.ndarray]
+) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from pirl.features import FeatureExtractor, center_crop_transform
+    from pirl_tools.main import main
+
+    data = _train_val(tmp_path / "data", digit_images)
+    out = tmp_path / "knn"
+    args = (
+        f"transfer knn --weights rnd=random:resnet18@0.125 --data {data} --layer res4,res5avg "
+        f"--k 3 --k 5 --image-size 32 --device cpu --num-workers 0 --seed 1 --out {out}"
+    ).split()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "rnd: kNN top-1 % at res5avg  k=3:" in result.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["ks"] == [3, 5] and set(res["layers"]) == {"res4", "res5avg"}
+    enc = load_encoder("random:resnet18@0.125", seed=1)
+    train, val = list_images(data / "train"), list_images(data / "val")
+    for layer in ("res4", "res5avg"):
+        ext = FeatureExtractor.for_encoder(enc, layer, device="cpu")
+        xtr, xte = (
+            np.asarray(ext.extract(s, center_crop_transform(32), progress=False), np.float64)
+            for s in (train, val)
+        )
+        for k in (3, 5):
+            want = _knn_by_hand(xtr, np.array(train.labels), xte, np.array(val.labels), k)
+            assert res["layers"][layer][f"top1_k{k}"] == pytest.approx(want)
+    assert (out / "knn.md").read_text().startswith("| model | layer | knn_k3 | knn_k5 |")
+    bad = CliRunner().invoke(
+        main, ["transfer", "knn", "--weights", "random", "--benchmark", "voc07"]
+    )
+    assert bad.exit_code == 2 and "voc07" in bad.output

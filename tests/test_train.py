@@ -407,3 +407,50 @@ def test_run_level_mistakes_stop_before_any_work(
     with pytest.raises(UserError, match=re.escape(message)):
         pretrain(tiny_config(tiny_folder, tmp_path / "run", **setting))
     assert not (tmp_path / "run").exists()
+
+
+def test_save_every_keeps_snapshots_and_the_end_exports_a_torchvision_trunk(
+    tiny_folder: Path, tmp_path: Path
+) -> None:
+    import torchvision
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from pirl.weights import load_encoder
+    from pirl_tools.main import main
+
+    out = tmp_path / "run"
+    args = (
+        f"pretrain --data {tiny_folder} --out {out} --arch resnet18 --width 1 --image-size 32 "
+        "--epochs 3 --batch-size 16 --num-negatives 64 --device cpu --num-workers 0 "
+        "--save-every 2"
+    ).split()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"{out / 'trunk.pth'}, {out / 'trunk.safetensors'}" in result.output
+    assert sorted(p.name for p in out.glob("checkpoint*.pth")) == [
+        "checkpoint.pth",
+        "checkpoint_epoch2.pth",
+    ]
+    last, snap = (
+        read_checkpoint(out / "checkpoint.pth"),
+        read_checkpoint(out / "checkpoint_epoch2.pth"),
+    )
+    assert (last["epoch"], snap["epoch"]) == (3, 2)
+    assert not all(torch.equal(last["trunk"][k], snap["trunk"][k]) for k in snap["trunk"])
+    exported = {
+        "trunk.pth": read_checkpoint(out / "trunk.pth"),
+        "trunk.safetensors": load_file(str(out / "trunk.safetensors")),
+        "checkpoint_epoch2.pth": snap["trunk"],
+    }
+    reference = torchvision.models.resnet18()
+    del reference.fc
+    for name, state in exported.items():
+        reference.load_state_dict(state, strict=True)  # raises on a missing or unexpected key
+        enc = load_encoder(out / name)
+        assert (enc.arch, enc.width) == ("resnet18", 1.0)
+        for key, value in enc.trunk.state_dict().items():
+            assert torch.equal(value, state[key]), f"{name}: {key}"
+    for key, value in last["trunk"].items():
+        assert torch.equal(exported["trunk.pth"][key], value)
+        assert torch.equal(exported["trunk.safetensors"][key], value)

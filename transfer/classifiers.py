@@ -26,7 +26,7 @@ step AP.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -408,50 +408,113 @@ def topk_correct(
     return [int(hit[:, : min(k, logits.shape[1])].any(1).sum()) for k in ks]
 
 
-def train_probe(
-    train_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-    test_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-    dim: int,
-    channels: int,
+Batches = Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]
+
+
+def train_probes(
+    train_batches: Callable[[int], Batches],
+    test_batches: Callable[[], Batches],
+    shapes: Mapping[str, tuple[int, int]],
     classes: int,
     epochs: int,
     milestones: tuple[int, ...],
     batch_size: int = 256,
     device: str | torch.device = "cpu",
-    log: Callable[[dict], None] | None = None,
-) -> dict:
-    """Train BN + Linear with the published recipe (SGD Nesterov 0.9, wd 5e-4 but not on BN,
-    LR 0.01 per 256, 10x decay at the milestones) on (features, label) batches; return test
-    top-1/top-5 (%).
+    log: Callable[[str, dict], None] | None = None,
+    save: Callable[[dict], None] | None = None,
+    state: dict | None = None,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Train one BN + Linear probe per layer with the published recipe (SGD Nesterov 0.9,
+    wd 5e-4 but not on BN, LR 0.01 per 256, 10x decay at the milestones) on shared batches,
+    so one pass of the trunk feeds every layer's probe; per layer, the test top-1/top-5 (%)
+    after every epoch (the last is the result) and the trained probe.
 
-    Features are `dim` long, (channels, h, w) maps flattened channel-major. train_batches(epoch)
-    yields that epoch's batches (features of augmented images, or shuffled cached features);
-    test_batches() yields the test set once.
+    shapes maps a layer to (dim, channels): features `dim` long, (channels, h, w) maps flattened
+    channel-major. train_batches(epoch) yields that epoch's ({layer: features}, labels) batches;
+    test_batches() the test set once. Each probe starts from torch.manual_seed(seed), whatever
+    the other layers, so a layer trained with others equals it trained alone. After each epoch
+    log(layer, row) records it and save(state) receives what `state` resumes from (the probes,
+    optimisers, schedules, epoch and torch's RNG, which an augmented epoch draws from).
     """
-    probe = LinearProbe(channels, dim, classes).to(device)
-    opt = torch.optim.SGD(
-        probe.param_groups(5e-4), lr=0.01 * batch_size / 256, momentum=0.9, nesterov=True
-    )
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), gamma=0.1)
-    for epoch in range(epochs):
-        probe.train()
-        total, seen = 0.0, 0
+    probes, opts, scheds = {}, {}, {}
+    for layer, (dim, channels) in shapes.items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            probes[layer] = LinearProbe(channels, dim, classes).to(device)
+        opts[layer] = torch.optim.SGD(
+            probes[layer].param_groups(5e-4),
+            lr=0.01 * batch_size / 256,
+            momentum=0.9,
+            nesterov=True,
+        )
+        scheds[layer] = torch.optim.lr_scheduler.MultiStepLR(opts[layer], list(milestones), 0.1)
+    start = 0
+    if state is not None:
+        for layer in shapes:
+            probes[layer].load_state_dict(state["probes"][layer])
+            opts[layer].load_state_dict(state["optimizers"][layer])
+            scheds[layer].load_state_dict(state["schedulers"][layer])
+        start = int(state["epoch"])
+        torch.set_rng_state(state["rng"])
+    results = dict(state["results"]) if state is not None else {}
+    for epoch in range(start, epochs):
+        totals, seen = dict.fromkeys(shapes, 0.0), 0
+        for probe in probes.values():
+            probe.train()
         for feats, labels in train_batches(epoch):
-            feats, labels = feats.to(device).float(), labels.to(device)
-            loss = torch.nn.functional.cross_entropy(probe(feats), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(labels)
+            labels = labels.to(device)
+            for layer, probe in probes.items():
+                loss = torch.nn.functional.cross_entropy(
+                    probe(feats[layer].to(device).float()), labels
+                )
+                opts[layer].zero_grad(set_to_none=True)
+                loss.backward()
+                opts[layer].step()
+                totals[layer] += loss.item() * len(labels)
             seen += len(labels)
-        sched.step()
-        if log is not None:
-            log({"epoch": epoch + 1, "loss": total / max(seen, 1), "lr": opt.param_groups[0]["lr"]})
-    probe.eval()
-    hits, n = [0, 0], 0
+        for sched in scheds.values():
+            sched.step()
+        results = _evaluate(probes, test_batches, device)
+        for layer in shapes:
+            row = {
+                "epoch": epoch + 1,
+                "loss": totals[layer] / max(seen, 1),
+                "lr": opts[layer].param_groups[0]["lr"],
+                "val_top1": results[layer]["top1"],
+                "val_top5": results[layer]["top5"],
+            }
+            if log is not None:
+                log(layer, row)
+        if save is not None:
+            save(
+                {
+                    "probes": {k: p.state_dict() for k, p in probes.items()},
+                    "optimizers": {k: o.state_dict() for k, o in opts.items()},
+                    "schedulers": {k: s.state_dict() for k, s in scheds.items()},
+                    "epoch": epoch + 1,
+                    "rng": torch.get_rng_state(),
+                    "results": results,
+                }
+            )
+    return {layer: {**results[layer], "probe": probes[layer]} for layer in shapes}
+
+
+def _evaluate(
+    probes: Mapping[str, LinearProbe], test_batches: Callable[[], Batches], device
+) -> dict[str, dict[str, float]]:
+    """Top-1/top-5 (%) of every probe on one pass over the test batches."""
+    hits, n = {layer: [0, 0] for layer in probes}, 0
+    for probe in probes.values():
+        probe.eval()
     with torch.no_grad():
         for feats, labels in test_batches():
-            c = topk_correct(probe(feats.to(device).float()), labels.to(device))
-            hits = [a + b for a, b in zip(hits, c, strict=True)]
+            labels = labels.to(device)
+            for layer, probe in probes.items():
+                c = topk_correct(probe(feats[layer].to(device).float()), labels)
+                hits[layer] = [a + b for a, b in zip(hits[layer], c, strict=True)]
             n += len(labels)
-    return {"top1": 100 * hits[0] / max(n, 1), "top5": 100 * hits[1] / max(n, 1)}
+    return {
+        layer: {"top1": 100 * h[0] / max(n, 1), "top5": 100 * h[1] / max(n, 1)}
+        for layer, h in hits.items()
+    }

@@ -18,7 +18,13 @@ import torch
 from torchvision import transforms as T
 
 from pirl.data import ImageDataset, ImageList
-from pirl.engine import RunDir, require_at_least, resolve_device, seed_everything
+from pirl.engine import (
+    RunDir,
+    atomic_torch_save,
+    require_at_least,
+    resolve_device,
+    seed_everything,
+)
 from pirl.errors import UserError
 from pirl.features import (
     IMAGENET_MEAN,
@@ -28,7 +34,7 @@ from pirl.features import (
     feature_channels,
     resize_transform,
 )
-from transfer.classifiers import scaled_schedule, train_probe, voc07_svm
+from transfer.classifiers import LinearProbe, scaled_schedule, train_probes, voc07_svm
 from transfer.datasets import (
     BENCHMARKS,
     EMBEDDED_SIZE,
@@ -40,10 +46,12 @@ from transfer.datasets import (
 )
 
 LAYER_CHOICES = ("conv1", "res2", "res3", "res4", "res5", "res5avg")
+FIG5_LAYERS = ("conv1", "res2", "res3", "res4", "res5")  # --layer all: the paper's Fig. 5
 METRIC = {"voc07": "mAP", "imagenet": "top1", "places205": "top1", "inat18": "top1"}
 
 
-def _image_list(split: Split) -> ImageList:
+def split_images(split: Split) -> ImageList:
+    """A benchmark split as the ImageList the extractor reads (multi-label rows: label -1)."""
     labels = split.labels.tolist() if split.labels.ndim == 1 else [-1] * len(split)
     return ImageList(Path("."), split.paths, labels, split.classes)
 
@@ -52,30 +60,32 @@ def _cached(
     ext: FeatureExtractor,
     split: Split,
     transform: Any,
+    layers: list[str],
     batch_size: int,
     num_workers: int,
     dtype: str,
-) -> np.ndarray:
-    """A split's features from the extractor, which keys the cache every evaluation shares."""
-    return ext.extract(
-        _image_list(split),
+) -> dict[str, np.ndarray]:
+    """A split's features at every layer from one pass of the extractor, which keys the cache
+    every evaluation shares."""
+    return ext.extract_layers(
+        split_images(split),
         transform,
+        layers,
         batch_size=batch_size,
         num_workers=num_workers,
         dtype=dtype,
     )
 
 
-def _batches(feats: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int):
-    order = (
-        np.random.default_rng(seed).permutation(len(feats)) if shuffle else np.arange(len(feats))
-    )
-    for i in range(0, len(order), batch_size):
+def _batches(
+    feats: dict[str, np.ndarray], labels: np.ndarray, batch_size: int, shuffle: bool, seed: int
+):
+    n = len(labels)
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    for i in range(0, n, batch_size):
         idx = np.sort(order[i : i + batch_size])
-        yield (
-            torch.from_numpy(np.asarray(feats[idx], dtype=np.float32)),
-            torch.from_numpy(labels[idx]),
-        )
+        x = {k: torch.from_numpy(np.asarray(v[idx], dtype=np.float32)) for k, v in feats.items()}
+        yield x, torch.from_numpy(labels[idx])
 
 
 def method_and_path(spec: str) -> tuple[str, str]:
@@ -84,6 +94,18 @@ def method_and_path(spec: str) -> tuple[str, str]:
     if sep:
         return name, path
     return (Path(spec).stem if Path(spec).is_file() else spec), spec
+
+
+def parse_layers(spec: str) -> list[str]:
+    """`all` (the paper's Fig. 5 stages), one layer or a comma list -> the layers, in order."""
+    layers = list(FIG5_LAYERS) if spec == "all" else [x.strip() for x in spec.split(",")]
+    unknown = [x for x in layers if x not in LAYER_CHOICES]
+    if unknown or not layers:
+        raise UserError(
+            f"--layer {spec}: {unknown[0] if unknown else 'empty'} is not a layer; choose from "
+            f"all, {', '.join(LAYER_CHOICES)} or a comma list"
+        )
+    return list(dict.fromkeys(layers))
 
 
 def run_linear(
@@ -101,18 +123,27 @@ def run_linear(
     augment: bool = True,
     feature_dtype: str = "float16",
     overwrite: bool = False,
+    resume: bool = False,
+    allow_change: tuple[str, ...] = (),
+    logger: str = "none",
 ) -> dict:
-    """Run one Table 2 benchmark for one encoder; when `out` is set, claim it as a
-    `transfer linear` run folder (an existing run is replaced only with overwrite) and write
-    config/results/row there.
+    """Run one Table 2 benchmark for one encoder at one or several layers (`layer`: a layer,
+    a comma list or all) from one pass over the data; when `out` is set, claim it as a
+    `transfer linear` run folder (an existing run is replaced only with overwrite, continued
+    with resume) and write config/metrics/checkpoint/classifier/results there, with the
+    per-layer table and plot (layers.csv, layers.md, layers.png) for several layers.
 
     weights is [NAME=]PATH or a random spec; data None means the embedded set (32-px images,
-    image_size 32 unless given); image_size None means 224 on real data.
+    image_size 32 unless given); image_size None means 224 on real data. Returns results.json:
+    per layer under "layers", and for one layer also its fields at the top level.
     """
     from pirl.weights import load_encoder
 
     if benchmark not in BENCHMARKS:
         raise UserError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARKS)}")
+    layers = parse_layers(layer)
+    if resume and benchmark == "voc07":
+        raise UserError("--resume: the VOC07 SVMs train in one go; nothing to resume")
     spec = weights
     method, weights = method_and_path(weights)
     if data is None:
@@ -140,7 +171,7 @@ def run_linear(
     dev = resolve_device(device)
     train_split, test_split = (load_split(benchmark, data, s) for s in SPLITS[benchmark])
     encoder = load_encoder(weights, seed=seed)
-    ext = FeatureExtractor.for_encoder(encoder, layer, device=dev)
+    ext = FeatureExtractor.for_encoder(encoder, layers[0], device=dev)
     run = RunDir(out) if out is not None else None
     if run is not None:
         run.start(
@@ -148,6 +179,9 @@ def run_linear(
             config,
             dev,
             overwrite=overwrite,
+            resume=resume,
+            allow_change=allow_change,
+            logger=logger,
             record={
                 "method": method,
                 "schedule": scaled_schedule(benchmark, epochs) if benchmark != "voc07" else None,
@@ -160,12 +194,15 @@ def run_linear(
     args = (batch_size, num_workers, feature_dtype)
     if benchmark == "voc07":
         tf = resize_transform(image_size)
-        xtr, xte = (_cached(ext, s, tf, *args) for s in (train_split, test_split))
-        res = voc07_svm(xtr, train_split.labels, xte, test_split.labels, device=dev)
-        res["classes"] = train_split.classes
+        xtr, xte = (_cached(ext, s, tf, layers, *args) for s in (train_split, test_split))
+        per_layer = {}
+        for name in layers:
+            res = voc07_svm(xtr[name], train_split.labels, xte[name], test_split.labels, device=dev)
+            per_layer[name] = {**res, "classes": train_split.classes}
     else:
-        res = _linear_benchmark(
+        per_layer = _linear_benchmark(
             ext,
+            layers,
             benchmark,
             train_split,
             test_split,
@@ -176,24 +213,56 @@ def run_linear(
             augment,
             seed,
             args,
+            resume,
         )
-    params = sum(p.numel() for p in encoder.trunk.parameters())
+    metric = METRIC[benchmark]
+    for name, res in per_layer.items():
+        res.update(layer=name, value=res[metric], feature_dim=ext.at(name).dim)
     results = {
         "benchmark": benchmark,
         "method": method,
         "weights": weights,
-        "layer": layer,
-        "metric": METRIC[benchmark],
-        "value": res[METRIC[benchmark]],
+        "metric": metric,
         "seconds": time.perf_counter() - start,
-        "feature_dim": ext.dim,
-        "parameters": params,
-        **res,
+        "parameters": sum(p.numel() for p in encoder.trunk.parameters()),
+        "layers": per_layer,
+        **(per_layer[layers[0]] if len(layers) == 1 else {"layer": layer}),
     }
     if run is not None:
         run.write_results(results)
-        run.path("row.md").write_text(markdown_row(results))
+        run.path("row.md").write_text(markdown_row(results) if len(layers) == 1 else "")
+        if len(layers) > 1:
+            write_layer_table(results, run.root)
     return results
+
+
+def write_layer_table(results: dict, root: Path) -> tuple[Path, Path, Path]:
+    """The per-layer table (layers.csv, layers.md) and the paper's Fig. 5 curve (layers.png:
+    the metric per layer) of a run over several layers."""
+    import pandas as pd
+
+    from analysis.plots import plot_layer_curves
+    from pirl.tables import markdown_table
+
+    metric = results["metric"]
+    extra = ["top5"] if metric == "top1" else []
+    table = pd.DataFrame(
+        [
+            {"model": results["method"], "layer": name, "dim": r["feature_dim"], metric: r[metric]}
+            | {k: r[k] for k in extra}
+            for name, r in results["layers"].items()
+        ]
+    )
+    table.to_csv(root / "layers.csv", index=False)
+    (root / "layers.md").write_text(markdown_table(table))
+    plot_layer_curves(
+        table,
+        [(metric, "")],
+        f"{results['benchmark']} {metric} (%)",
+        f"Linear probe per layer ({results['benchmark']}, paper Fig. 5)",
+        root / "layers.png",
+    )
+    return root / "layers.csv", root / "layers.md", root / "layers.png"
 
 
 def probe_against_untrained(
@@ -231,13 +300,22 @@ def markdown_row(results: dict) -> str:
     return f"{head}\n|---|---|---|\n{row}\n"
 
 
+def _fitting(ckpt: dict, shapes: dict[str, tuple[int, int]], classes: int) -> dict:
+    """The checkpoint, once every layer's saved probe is known to fit this run's probe (so a
+    mismatch is RunDir.restore's one line, not a traceback mid-training)."""
+    for layer, (dim, channels) in shapes.items():
+        LinearProbe(channels, dim, classes).load_state_dict(ckpt["probes"][layer])
+    return ckpt
+
+
 def _linear_benchmark(
-    ext, benchmark, train_split, test_split, run, dev, epochs, image_size, augment, seed, args
-) -> dict:
+    ext, layers, benchmark, train_split, test_split, run, dev, epochs, image_size, augment, seed,
+    args, resume,
+) -> dict[str, dict]:  # fmt: skip
     batch_size, num_workers, _ = args
     n_epochs, milestones = scaled_schedule(benchmark, epochs)
     test_tf = center_crop_transform(image_size)
-    xte = _cached(ext, test_split, test_tf, *args)
+    xte = _cached(ext, test_split, test_tf, layers, *args)
     yte = test_split.labels
     if augment:
         train_tf = T.Compose(
@@ -248,7 +326,7 @@ def _linear_benchmark(
                 T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
             ]
         )
-        dataset = ImageDataset(_image_list(train_split), train_tf)
+        dataset = ImageDataset(split_images(train_split), train_tf)
 
         def train_batches(epoch: int):
             g = torch.Generator().manual_seed(seed * 1000 + epoch)
@@ -256,28 +334,40 @@ def _linear_benchmark(
                 dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, generator=g
             )
             for x, y, _ in loader:
-                yield ext(x), y
+                yield ext.forward_layers(x, layers), y
     else:
-        xtr = _cached(ext, train_split, test_tf, *args)
+        xtr = _cached(ext, train_split, test_tf, layers, *args)
 
         def train_batches(epoch: int):
             return _batches(xtr, train_split.labels, batch_size, True, seed * 1000 + epoch)
 
-    log = run.append_metrics if run is not None else None
     seed_everything(seed)  # here: extracting features (a cache miss) consumes random numbers
-    res = train_probe(
+    shapes = {name: (ext.at(name).dim, feature_channels(ext.trunk, name)) for name in layers}
+    state = None
+    if run is not None and resume:
+        state = run.restore(lambda ckpt: _fitting(ckpt, shapes, len(train_split.classes)))
+    res = train_probes(
         train_batches,
         lambda: _batches(xte, yte, batch_size, False, 0),
-        ext.dim,
-        feature_channels(ext.trunk, ext.layer),
+        shapes,
         len(train_split.classes),
         n_epochs,
         milestones,
         batch_size,
         dev,
-        log,
+        log=None if run is None else lambda name, row: run.append_metrics({"layer": name} | row),
+        save=None if run is None else run.save_checkpoint,
+        state=state,
+        seed=seed,
     )
-    return {**res, "epochs": n_epochs, "milestones": list(milestones), "augment": augment}
+    if run is not None:
+        classifier = {name: r["probe"].state_dict() for name, r in res.items()}
+        atomic_torch_save(
+            {"layers": classifier, "shapes": shapes, "classes": list(train_split.classes)},
+            run.path("classifier.pth"),
+        )
+    recipe = {"epochs": n_epochs, "milestones": list(milestones), "augment": augment}
+    return {name: {"top1": r["top1"], "top5": r["top5"], **recipe} for name, r in res.items()}
 
 
 def _load_npy(path: str | None, flag: str) -> np.ndarray:
