@@ -4,6 +4,7 @@ tolerance, the same boxes as the old path, and bad files as the same one-line er
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -204,3 +205,43 @@ def test_encoded_batches_collate_as_a_list(tmp_path: Path) -> None:
     (views, labels, idx), skipped = collate_skipping([dataset[0], None, dataset[2]])
     assert skipped == 1 and len(views) == 2 and idx.tolist() == [0, 2]
     assert np.array_equal(labels.numpy(), [0, 0])
+
+
+def test_decode_flag_is_checked_and_recorded() -> None:
+    from pirl.pretrain import PirlTrainer, PretrainConfig
+
+    assert PretrainConfig().resolved().decode == "auto"
+    for bad in (dict(decode="nvjpeg"), dict(decode="gpu", augment="pil")):
+        with pytest.raises(UserError, match="--decode"):
+            PretrainConfig(**bad).resolved()
+    cfg = PretrainConfig(decode="gpu", batch_size=4, num_negatives=8).resolved()
+    with pytest.raises(UserError, match="not a CUDA GPU"):
+        PirlTrainer.build(cfg, 10, torch.device("cpu"))
+    trainer = PirlTrainer.build(dataclasses.replace(cfg, decode="auto"), 10, torch.device("cpu"))
+    assert trainer.device_decode is None and type(trainer.transform()) is A.CropTransform
+
+
+def test_trainer_loss_through_device_decode(tmp_path: Path) -> None:
+    """The wiring of decoding on the device (DeviceDecode before device_views), run on the
+    CPU: a batch of EncodedImage gives the loss that CropTransform's crops give (within the
+    one grey level of the float resize the device path uses)."""
+    from pirl.pretrain import PirlTrainer, PretrainConfig
+
+    cfg = PretrainConfig(batch_size=3, num_negatives=8, image_size=64).resolved()
+    trainer = PirlTrainer.build(cfg, 3, torch.device("cpu"))
+    geo = JigsawGeometry.for_image_size(64)
+    path = tmp_path / "a.jpg"
+    path.write_bytes(kinds()["baseline"])
+    enc, crop = A.EncodedTransform(geo, reduce=False), A.CropTransform(geo, reduce=False)
+    torch.manual_seed(0)
+    items = [enc(path) for _ in range(3)]
+    torch.manual_seed(0)
+    crops = [crop(path) for _ in range(3)]
+    views = torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops])
+    idx = torch.arange(3)
+    losses = []
+    for decode, batch in ((None, views), (A.DeviceDecode(crop), items)):
+        trainer.device_decode = decode
+        gens = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+        losses.append(trainer.loss(trainer.model, batch, idx, *gens, amp=False)[0])
+    torch.testing.assert_close(losses[0], losses[1], rtol=3e-3, atol=0)
