@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,20 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from pirl.data import check_pixels, load_image
+from pirl.decode import (
+    Box,
+    EncodedImage,
+    JpegHeader,
+    complete,
+    decode_full,
+    decode_on_device,
+    decode_reduced,
+    jpeg_header,
+    read_file,
+    reduction,
+    scale_of,
+)
 from pirl.jigsaw import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -388,26 +403,142 @@ def resize_u8(image: torch.Tensor, box: tuple[int, int, int, int], size: int) ->
     return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
 
 
+def resize_on_device(image: torch.Tensor, box: Box, size: int) -> torch.Tensor:
+    """resize_u8 for a CUDA image: the same antialiased bilinear kernel in float, rounded back
+    to uint8 (within one grey level of the CPU's fixed-point result, tests/test_cuda.py)."""
+    top, left, height, width = box
+    crop = image[None, :, top : top + height, left : left + width].float()
+    out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
+    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
 class CropTransform:
     """Worker side of the batched path: the two independent random crops as uint8 tensors.
 
     Returns (image (3, H, H), source (3, S, S)); without patches (NPID++) the source is empty.
-    The boxes are drawn as RandomResizedCrop draws them; the resize is resize_u8's.
+    The boxes are drawn as RandomResizedCrop draws them, on the original image's size; the
+    resize is resize_u8's. Given a path (ImageDataset passes one: reads_files), a JPEG's size
+    comes from its header and it is decoded by libjpeg-turbo, or at 1/2, 1/4 or 1/8 of its
+    size when both crops shrink by that much (reduce); other files go through load_image.
     """
 
+    reads_files = True
+
     def __init__(
-        self, geometry: JigsawGeometry, with_patches: bool = True, image_scale: float = 0.08
+        self,
+        geometry: JigsawGeometry,
+        with_patches: bool = True,
+        image_scale: float = 0.08,
+        reduce: bool = True,
     ) -> None:
-        self.with_patches = with_patches
+        self.with_patches, self.reduce = with_patches, reduce
         self.image_crop = T.RandomResizedCrop(geometry.image_size, scale=(image_scale, 1.0))
         self.source_crop = T.RandomResizedCrop(geometry.source_size, scale=(0.6, 1.0))
+        self.crops = [self.image_crop] + ([self.source_crop] if with_patches else [])
+        self.sizes = [c.size[0] for c in self.crops]
 
-    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        crops = [self.image_crop] + ([self.source_crop] if self.with_patches else [])
-        boxes = [c.get_params(img, c.scale, c.ratio) for c in crops]
-        full = TF.pil_to_tensor(img)
-        out = [resize_u8(full, box, c.size[0]) for c, box in zip(crops, boxes, strict=True)]
-        return out[0], out[1] if self.with_patches else torch.empty(0, dtype=torch.uint8)
+    def boxes(self, width: int, height: int) -> list[Box]:
+        """The boxes RandomResizedCrop draws for an image of this size (torch's random stream)."""
+        shape = torch.empty(()).expand(3, height, width)  # only its size is read
+        return [c.get_params(shape, c.scale, c.ratio) for c in self.crops]
+
+    def __call__(self, img: Image.Image | Path) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(img, Image.Image):
+            full = TF.pil_to_tensor(img)
+            return self.pair([resize_u8(full, b, s) for b, s in self._sized(img.size)])
+        data = read_file(img)
+        header = jpeg_header(data)
+        if header is None:
+            return self(load_image(img))
+        check_pixels(img, header.width, header.height)
+        boxes = self.boxes(header.width, header.height)
+        return self.pair(self.jpeg_crops(img, data, header, boxes))
+
+    def _sized(self, size: tuple[int, int]) -> list[tuple[Box, int]]:
+        return list(zip(self.boxes(*size), self.sizes, strict=True))
+
+    def pair(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, source), the source empty without patches."""
+        return crops[0], crops[1] if self.with_patches else torch.empty(0, dtype=torch.uint8)
+
+    def jpeg_crops(
+        self, path: Path, data: bytes | bytearray, header: JpegHeader, boxes: list[Box]
+    ) -> list[torch.Tensor]:
+        """The crops of these boxes from the JPEG's bytes, on the CPU."""
+        k = reduction(boxes, self.sizes) if self.reduce else 1
+        if k > 1:
+            small = decode_reduced(path, data, header, k)
+            k = scale_of(small, header)
+            return [
+                TF.pil_to_tensor(
+                    small.resize(
+                        (s, s), Image.BILINEAR, box=(x / k, y / k, (x + w) / k, (y + h) / k)
+                    )
+                )
+                for (y, x, h, w), s in zip(boxes, self.sizes, strict=True)
+            ]
+        full = decode_full(data, header)
+        if full is None:
+            full = TF.pil_to_tensor(load_image(path))
+        return [resize_u8(full, b, s) for b, s in zip(boxes, self.sizes, strict=True)]
+
+
+class EncodedTransform(CropTransform):
+    """Worker side of decoding on the GPU: the file's bytes and the two crop boxes (drawn from
+    the header's size exactly as CropTransform draws them), decoded and cropped on the device
+    by DeviceDecode. Files nvJPEG would refuse (not a JPEG, CMYK, cut short) are decoded and
+    cropped here instead, with CropTransform's checks and errors."""
+
+    def __call__(self, img: Image.Image | Path) -> EncodedImage:  # type: ignore[override]
+        if isinstance(img, Image.Image):
+            raise TypeError("EncodedTransform reads files: give it the path")
+        data = read_file(img)
+        header = jpeg_header(data)
+        if header is None:
+            image = load_image(img)
+            boxes = self.boxes(*image.size)
+            full = TF.pil_to_tensor(image)
+            crops = [resize_u8(full, b, s) for b, s in zip(boxes, self.sizes, strict=True)]
+            return EncodedImage(str(img), boxes, crops=crops)
+        check_pixels(img, header.width, header.height)
+        boxes = self.boxes(header.width, header.height)
+        if header.components == 4 or not complete(data):
+            return EncodedImage(str(img), boxes, crops=self.jpeg_crops(img, data, header, boxes))
+        return EncodedImage(str(img), boxes, data=bytes(data))
+
+
+class DeviceDecode:
+    """Main-process side of decoding on the GPU: a batch of EncodedImage -> the uint8 crops
+    (images (B, 3, H, H), sources (B, 3, S, S) or empty) on the device, for BatchAugment.
+    JPEGs go through nvJPEG in one call, then the crop and resize of the worker's boxes; one
+    the device refuses is decoded on the CPU as CropTransform would (or fails as it would)."""
+
+    def __init__(self, crop: CropTransform) -> None:
+        self.crop = crop
+
+    def __call__(
+        self, items: list[EncodedImage], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        decoded = iter(decode_on_device([e.data for e in items if e.crops is None], device))
+        views: list[list[torch.Tensor]] = [[] for _ in self.crop.sizes]
+        for e in items:
+            full = None if e.crops is not None else next(decoded)
+            if full is not None:
+                sizes = zip(e.boxes, self.crop.sizes, strict=True)
+                crops = [resize_on_device(full, b, s) for b, s in sizes]
+            else:
+                crops = [c.to(device, non_blocking=True) for c in e.crops or self.on_cpu(e)]
+            for view, c in zip(views, crops, strict=True):
+                view.append(c)
+        images = torch.stack(views[0])
+        sources = torch.stack(views[1]) if self.crop.with_patches else torch.empty(0, device=device)
+        return images, sources
+
+    def on_cpu(self, e: EncodedImage) -> list[torch.Tensor]:
+        """The crops of a JPEG the device refused, as CropTransform takes them (or its error)."""
+        path = Path(e.path)
+        data = read_file(path)
+        return self.crop.jpeg_crops(path, data, jpeg_header(data), e.boxes)
 
 
 class BatchAugment:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,27 +112,40 @@ def require_files(paths: Sequence[Path], listing: str | Path, shown: int = 3) ->
         )
 
 
-def load_image(path: Path) -> Image.Image:
-    """Decode fully (so truncation is caught here) to 8-bit RGB; any unreadable, empty,
-    truncated or oversized file is a UserError naming it."""
+def check_pixels(path: Path, width: int, height: int) -> None:
+    """Refuse an image over max_pixels() before any decoding (a decompression bomb costs
+    nothing to refuse), one line naming it."""
+    pixels, limit = width * height, max_pixels()
+    if pixels > limit:
+        raise UserError(
+            f"{path}: {width}x{height} image ({pixels / 1e6:.0f} M pixels) is over the limit "
+            f"of {limit / 1e6:.0f} M (a decompression bomb?); raise it with {MAX_PIXELS_ENV} "
+            "if the image is genuine"
+        )
+
+
+@contextmanager
+def unreadable(path: Path) -> Iterator[None]:
+    """Whatever a decoder raises for a bad file, as the one-line UserError naming it."""
     try:
-        with Image.open(path) as img:
-            pixels, limit = img.width * img.height, max_pixels()
-            if pixels > limit:
-                raise UserError(
-                    f"{path}: {img.width}x{img.height} image ({pixels / 1e6:.0f} M pixels) is "
-                    f"over the limit of {limit / 1e6:.0f} M (a decompression bomb?); raise it "
-                    f"with {MAX_PIXELS_ENV} if the image is genuine"
-                )
-            img.load()
-            return to_rgb(img)
+        yield
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         reason = str(exc) or type(exc).__name__
         raise UserError(f"{path}: unreadable image ({reason})") from None
 
 
+def load_image(path: Path) -> Image.Image:
+    """Decode fully (so truncation is caught here) to 8-bit RGB; any unreadable, empty,
+    truncated or oversized file is a UserError naming it."""
+    with unreadable(path), Image.open(path) as img:
+        check_pixels(path, img.width, img.height)
+        img.load()
+        return to_rgb(img)
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """Yields (transform(image), label, index); bad images raise or, with skip_bad, yield None."""
+    """Yields (transform(image), label, index); bad images raise or, with skip_bad, yield None.
+    A transform with reads_files set gets the path and decodes itself (for its crops only)."""
 
     def __init__(
         self, images: ImageList, transform: Callable[[Image.Image], Any], skip_bad: bool = False
@@ -143,22 +157,30 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int, int] | None:
         try:
-            img = load_image(self.images.paths[index])
+            path = self.images.paths[index]
+            if getattr(self.transform, "reads_files", False):
+                out = self.transform(path)
+            else:
+                out = self.transform(load_image(path))
         except UserError as exc:
             if not self.skip_bad:
                 raise
             log.warning("skipping %s", exc)
             return None
-        return self.transform(img), self.images.labels[index], index
+        return out, self.images.labels[index], index
 
 
 def collate_skipping(batch: list[Any]) -> tuple[Any, int]:
-    """Default collate over the good samples; also returns how many were skipped."""
+    """Default collate over the good samples; also returns how many were skipped. Views that
+    are not tensors (a worker's undecoded JPEG for the device: EncodedImage) stay a list."""
     good = [b for b in batch if b is not None]
     skipped = len(batch) - len(good)
     if not good:
         return None, skipped
-    return torch.utils.data.default_collate(good), skipped
+    if isinstance(good[0][0], torch.Tensor | tuple | list):
+        return torch.utils.data.default_collate(good), skipped
+    rest = torch.utils.data.default_collate([b[1:] for b in good])
+    return ([b[0] for b in good], *rest), skipped
 
 
 def cache_dir() -> Path:

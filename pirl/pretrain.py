@@ -26,7 +26,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pirl.augment import PHOTOMETRIC_P, BatchAugment, CropTransform, PhotometricSpec
+from pirl.augment import (
+    PHOTOMETRIC_P,
+    BatchAugment,
+    CropTransform,
+    DeviceDecode,
+    EncodedTransform,
+    PhotometricSpec,
+)
 from pirl.data import (
     ImageDataset,
     cache_dir,
@@ -67,6 +74,9 @@ METHODS = {"pirl": 0.5, "npid": 0.0, "jigsaw": 1.0}
 # pil: the per-image PIL pipeline, kept for comparison. The jigsaw baseline keeps its own.
 AUGMENTS = ("batched", "pil")
 LR_INTERVALS = ("epoch", "step")
+# Where the batched path's JPEGs are decoded: gpu (nvJPEG, workers only read bytes), cpu
+# (libjpeg-turbo in the workers), auto: gpu when training on CUDA (pirl/decode.py).
+DECODES = ("auto", "cpu", "gpu")
 # Published recipe (docs/reference.md) and the small embedded default that runs on a laptop.
 PAPER = {
     "arch": "resnet50",
@@ -135,6 +145,7 @@ class PretrainConfig:
     amp: bool = True
     compile: bool = False  # torch.compile the model: fused kernels on a GPU, slow first step
     augment: str = "batched"
+    decode: str = "auto"  # where the batched path decodes JPEGs: auto, cpu or gpu
     shared_negatives: bool = False  # one draw of N negatives per batch; VISSL draws per sample
     bank_dtype: str = "float32"
     skip_bad_images: bool = False
@@ -171,6 +182,12 @@ class PretrainConfig:
             cfg.lr = 0.03 * cfg.batch_size / 256
         if cfg.augment not in AUGMENTS:
             raise UserError(f"--augment {cfg.augment}: choose from {list(AUGMENTS)}")
+        if cfg.decode not in DECODES:
+            raise UserError(f"--decode {cfg.decode}: choose from {list(DECODES)}")
+        if cfg.decode == "gpu" and (cfg.augment != "batched" or cfg.method == "jigsaw"):
+            raise UserError(
+                "--decode gpu: only the batched augmentation of pirl/npid decodes there"
+            )
         if cfg.lr_interval not in LR_INTERVALS:
             raise UserError(f"--lr-interval {cfg.lr_interval}: choose from {list(LR_INTERVALS)}")
         if cfg.bank_dtype not in BANK_DTYPES:
@@ -225,6 +242,7 @@ class PirlTrainer(PretextTrainer):
 
     memory: MemoryBank
     augment: BatchAugment | None
+    device_decode: DeviceDecode | None
 
     @classmethod
     def build(cls, cfg: PretrainConfig, data_size: int, device: torch.device) -> PirlTrainer:
@@ -253,10 +271,16 @@ class PirlTrainer(PretextTrainer):
         )
         trainer = cls(cfg, model, criterion, optimizer)
         trainer.memory = memory
-        trainer.augment = None
+        trainer.augment, trainer.device_decode = None, None
         if cfg.augment == "batched":
+            geometry = JigsawGeometry.for_image_size(cfg.image_size)
             spec = PhotometricSpec(hue=cfg.hue, photometric=cfg.photometric)
-            trainer.augment = BatchAugment(JigsawGeometry.for_image_size(cfg.image_size), spec)
+            trainer.augment = BatchAugment(geometry, spec)
+            if cfg.decode == "gpu" and device.type != "cuda":
+                raise UserError(f"--decode gpu: the training device is {device}, not a CUDA GPU")
+            if cfg.decode == "gpu" or (cfg.decode == "auto" and device.type == "cuda"):
+                crops = CropTransform(geometry, cfg.lam > 0, cfg.crop_scale)
+                trainer.device_decode = DeviceDecode(crops)
         return trainer
 
     def memory_state(self) -> dict[str, Any]:
@@ -268,13 +292,15 @@ class PirlTrainer(PretextTrainer):
     def remember(self, idx: torch.Tensor, embedding: torch.Tensor) -> None:
         self.memory.update(idx, embedding)
 
-    def transform(self) -> CropTransform | PirlTransform:
+    def transform(self) -> CropTransform | EncodedTransform | PirlTransform:
         """What the loader's workers make of each image: only the crops (batched augmentation
         on the device), or the whole per-image PIL pipeline."""
         cfg = self.cfg
         geometry = JigsawGeometry.for_image_size(cfg.image_size)
         if cfg.augment == "pil":
             return PirlTransform(geometry, cfg.lam > 0, cfg.crop_scale, cfg.hue, cfg.photometric)
+        if self.device_decode is not None:  # workers read bytes and draw boxes; nvJPEG decodes
+            return EncodedTransform(geometry, cfg.lam > 0, cfg.crop_scale)
         return CropTransform(geometry, cfg.lam > 0, cfg.crop_scale)
 
     def chance_loss(self, data_size: int) -> float:
@@ -298,6 +324,8 @@ class PirlTrainer(PretextTrainer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's loss on the batch (model: self.model or its DDP wrapper), and the image
         embeddings the bank takes after the update."""
+        if self.device_decode is not None:
+            views = self.device_decode(views, idx.device)
         images, patches = device_views(views, self.augment, idx.device, aug_gen, self.cfg.lam > 0)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
             f, g = model(images, patches)

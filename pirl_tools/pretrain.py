@@ -131,6 +131,14 @@ from pirl_tools.options import (
     "per-image PIL pipeline.",
 )
 @click.option(
+    "--decode",
+    type=click.Choice(["auto", "cpu", "gpu"]),
+    default="auto",
+    show_default=True,
+    help="Where the batched path decodes JPEGs: gpu (nvJPEG on the training GPU, workers only "
+    "read the files), cpu (libjpeg-turbo in the workers), auto: gpu when training on CUDA.",
+)
+@click.option(
     "--shared-negatives",
     is_flag=True,
     help="Draw one set of negatives per batch (and term) instead of one per sample as VISSL "

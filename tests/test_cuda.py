@@ -132,3 +132,30 @@ def test_prefetched_batches_arrive_on_the_gpu_unchanged() -> None:
     assert [s for _, s in got] == [0, 4, 1, 0] and got[1][0] is None
     for (want, _), (sums, _) in zip(items[::2] + items[3:], got[::2] + got[3:], strict=True):
         assert int(sums[0]) == int(want[0][0].sum()) and int(sums[1]) == int(want[1].sum())
+
+
+def test_gpu_decode_and_crops_equal_the_cpu_path(tmp_path) -> None:
+    """nvJPEG + the float resize on the device against libjpeg-turbo + resize_u8 (the CPU
+    path, itself PIL's pixels: test_decode.py), same boxes; a CMYK JPEG and a PNG decoded by
+    the worker, and a progressive JPEG whichever decoder takes it."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    img = Image.fromarray(skdata.chelsea())
+    img.save(tmp_path / "a.jpg", quality=90)
+    img.save(tmp_path / "b.jpg", progressive=True)
+    img.convert("CMYK").save(tmp_path / "c.jpg")
+    img.resize((200, 150)).save(tmp_path / "d.png")
+    geo = JigsawGeometry.for_image_size(96)
+    enc, crop = A.EncodedTransform(geo, reduce=False), A.CropTransform(geo, reduce=False)
+    items, want = [], []
+    for i, path in enumerate(sorted(tmp_path.iterdir())):
+        torch.manual_seed(i)
+        items.append(enc(path))
+        torch.manual_seed(i)
+        want.append(crop(path))
+    images, sources = A.DeviceDecode(crop)(items, CUDA)
+    assert images.is_cuda and images.dtype == torch.uint8
+    for got, w in ((images, [x[0] for x in want]), (sources, [x[1] for x in want])):
+        diff = (got.cpu().int() - torch.stack(w).int()).abs()
+        assert diff.float().mean() < 0.5 and torch.quantile(diff.float(), 0.99) <= 3, diff.max()
