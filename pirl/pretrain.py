@@ -75,7 +75,8 @@ METHODS = {"pirl": 0.5, "npid": 0.0, "jigsaw": 1.0}
 AUGMENTS = ("batched", "pil")
 LR_INTERVALS = ("epoch", "step")
 # Where the batched path's JPEGs are decoded: gpu (nvJPEG, workers only read bytes), cpu
-# (libjpeg-turbo in the workers), auto: gpu when training on CUDA (pirl/decode.py).
+# (libjpeg-turbo in the workers); auto is cpu until the nvJPEG path has passed
+# tests/test_cuda.py on a GPU (pirl/decode.py).
 DECODES = ("auto", "cpu", "gpu")
 # Published recipe (docs/reference.md) and the small embedded default that runs on a laptop.
 PAPER = {
@@ -278,7 +279,7 @@ class PirlTrainer(PretextTrainer):
             trainer.augment = BatchAugment(geometry, spec)
             if cfg.decode == "gpu" and device.type != "cuda":
                 raise UserError(f"--decode gpu: the training device is {device}, not a CUDA GPU")
-            if cfg.decode == "gpu" or (cfg.decode == "auto" and device.type == "cuda"):
+            if cfg.decode == "gpu":
                 crops = CropTransform(geometry, cfg.lam > 0, cfg.crop_scale)
                 trainer.device_decode = DeviceDecode(crops)
         return trainer
