@@ -3,6 +3,7 @@ backend end to end. Skipped where detectron2 is not installed (CI installs its w
 
 import dataclasses
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ pytest.importorskip(
     "detectron2", reason="detectron2 is not installed (make test installs ../shared/wheels/)"
 )
 
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.data.datasets.pascal_voc import load_voc_instances  # noqa: E402
@@ -272,3 +274,71 @@ def test_backend_end_to_end_on_the_cpu_with_resume(tmp_path):
     assert again["iterations"] == 3
     state = torch.load(out / "detectron2" / "model_final.pth", weights_only=False)
     assert state["iteration"] == 2  # detectron2 counts from 0: three iterations in all
+
+
+def _msra_blobs(seed=0):
+    """Random blobs under the MSRA R-50.pkl names, with what such files also carry."""
+    rng = np.random.default_rng(seed)
+    blobs = {"conv1_w": rng.normal(0, 0.1, (64, 3, 7, 7))}
+    blobs["res_conv1_bn_s"], blobs["res_conv1_bn_b"] = (
+        rng.uniform(0.5, 1.5, 64),
+        rng.normal(0, 0.1, 64),
+    )
+    c_in = 64
+    for stage, blocks, width in ((2, 3, 64), (3, 4, 128), (4, 6, 256), (5, 3, 512)):
+        for i in range(blocks):
+            shapes = {"2a": (width, c_in, 1, 1), "2b": (width, width, 3, 3),
+                      "2c": (4 * width, width, 1, 1)}  # fmt: skip
+            if i == 0:
+                shapes["1"] = (4 * width, c_in, 1, 1)
+            for branch, shape in shapes.items():
+                name = f"res{stage}_{i}_branch{branch}"
+                blobs[f"{name}_w"] = rng.normal(0, (2 / np.prod(shape[1:])) ** 0.5, shape)
+                blobs[f"{name}_bn_s"] = rng.uniform(0.5, 1.5, shape[0])
+                blobs[f"{name}_bn_b"] = rng.normal(0, 0.1, shape[0])
+            c_in = 4 * width
+    blobs = {k: v.astype(np.float32) for k, v in blobs.items()}
+    blobs["conv1_w_momentum"] = np.zeros((64, 3, 7, 7), np.float32)
+    blobs["fc1000_w"], blobs["fc1000_b"] = np.zeros((1000, 2048), np.float32), np.zeros(1000)
+    return blobs
+
+
+@torch.no_grad()
+def test_caffe2_msra_weights_read_as_detectron2_reads_them(tmp_path):
+    from click.testing import CliRunner
+
+    from pirl.weights import load_encoder
+    from pirl_tools.main import main
+
+    path = tmp_path / "R-50.pkl"
+    path.write_bytes(pickle.dumps({"blobs": _msra_blobs()}, protocol=2))
+    with pytest.raises(
+        UserError, match=r"R-50\.pkl: Caffe2 \(MSRA\) weights put .* --format caffe2"
+    ) as e:
+        load_encoder(path)
+    assert "\n" not in str(e.value)
+    enc = load_encoder(path, fmt="caffe2")
+    assert (enc.format, enc.arch, enc.width) == ("caffe2", "resnet50", 1.0)
+
+    # detectron2's own Caffe2 loading into its backbone (BGR 0..255 minus the mean, std 1),
+    # with the stride where torchvision has it, is the reference.
+    d2 = _d2_model(tmp_path, _cfg(tmp_path), 3, **{
+        "INPUT.FORMAT": "BGR", "MODEL.PIXEL_MEAN": [103.53, 116.28, 123.675],
+        "MODEL.PIXEL_STD": [1.0, 1.0, 1.0]})  # fmt: skip
+    DetectionCheckpointer(d2).load(str(path))
+    _, _, rgb = _images()
+    ref = d2.backbone(d2.preprocess_image([{"image": x.flip(0).float()} for x in rgb]).tensor)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    x = (torch.stack(rgb).float() / 255 - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+    got = enc.trunk(x, ("res4",))["res4"]
+    # Random blobs without BN statistics grow activations to ~1e6 by res4; folding the input
+    # scale into conv1 reorders float32 sums, so the match is to 1e-4 relative, not 1e-6.
+    assert (got - ref["res4"]).norm() / ref["res4"].norm() < 1e-3
+
+    out = tmp_path / "r50.pth"
+    res = CliRunner().invoke(main, ["weights", "convert", str(path), "--format", "caffe2",
+                                    "--to", "torchvision", "-o", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    tv = torch.load(out, weights_only=True)
+    assert torch.equal(tv["layer3.0.conv2.weight"], enc.trunk.layer3[0].conv2.weight)
+    assert torch.equal(tv["bn1.running_var"], torch.full((64,), 1 - 1e-5))
