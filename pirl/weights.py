@@ -25,7 +25,9 @@ from pirl.heads import PirlHeads
 from pirl.safe_load import read_checkpoint
 from pirl.trunk import ARCHS, Trunk, build_trunk
 
-FORMATS = ("native", "torchvision", "vissl", "moco", "pycontrast", "plain", "detectron2")
+FORMATS = (
+    "native", "torchvision", "vissl", "moco", "pycontrast", "plain", "detectron2", "caffe2",
+)  # fmt: skip
 PLAIN_PREFIXES = ("module.", "backbone.", "model.", "encoder.")
 TRUNK_ROOTS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
 D2_PREFIXES = ("module.", "backbone.bottom_up.", "backbone.")
@@ -122,6 +124,68 @@ def save_detectron2(trunk_state: Mapping[str, torch.Tensor], path: str | Path) -
     }
     atomic_write_bytes(path, pickle.dumps(obj, protocol=4))
     return path
+
+
+# --------------------------------------------------------------------------- Caffe2 names
+
+_C2_BLOCK = re.compile(r"^res([2-5])_(\d+)_branch(2a|2b|2c|1)_(w|bn_s|bn_b)$")
+_C2_STEM = {"conv1_w": "conv1.weight", "res_conv1_bn_s": "bn1.weight", "res_conv1_bn_b": "bn1.bias"}
+_C2_CONV = {"2a": "conv1", "2b": "conv2", "2c": "conv3"}
+_C2_BN = {"2a": "bn1", "2b": "bn2", "2c": "bn3"}
+# detectron2's input for MSRA weights: BGR in 0..255 minus this mean, std 1 (ImageNet's mean).
+_RGB_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+BN_EPS = 1e-5  # torchvision's BatchNorm2d
+
+
+def _c2_to_tv_name(key: str) -> str | None:
+    if key in _C2_STEM:
+        return _C2_STEM[key]
+    m = _C2_BLOCK.match(key)
+    if m is None:
+        return None
+    stage, idx, branch, kind = m.groups()
+    base = f"layer{int(stage) - 1}.{idx}"
+    if branch == "1":
+        return (
+            f"{base}.downsample.0.weight"
+            if kind == "w"
+            else f"{base}.downsample.1." + ("weight" if kind == "bn_s" else "bias")
+        )
+    if kind == "w":
+        return f"{base}.{_C2_CONV[branch]}.weight"
+    return f"{base}.{_C2_BN[branch]}." + ("weight" if kind == "bn_s" else "bias")
+
+
+def from_caffe2(blobs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """MSRA Caffe2 ResNet blobs (res2_0_branch2a_w, ..._bn_s/_bn_b, conv1_w) as torchvision keys.
+
+    Caffe2's frozen BN is an affine y = s * x + b with no statistics: running_mean 0 and
+    running_var 1 - eps make torchvision's BN (eps 1e-5) that same affine. conv1 takes BGR
+    0..255 minus ImageNet's mean; its input channels are reversed and scaled by 255 * std so
+    it takes torchvision's normalised RGB. fc, momentum and other blobs are left out.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in blobs.items():
+        name = _c2_to_tv_name(key)
+        if name is None:
+            continue
+        out[name] = torch.as_tensor(np.array(value, dtype=np.float32))
+    for name in [k for k in out if k.endswith(".weight") and out[k].ndim == 1]:
+        stem = name[: -len("weight")]
+        out[stem + "running_mean"] = torch.zeros_like(out[name])
+        out[stem + "running_var"] = torch.full_like(out[name], 1.0 - BN_EPS)
+    if "conv1.weight" in out:
+        w = out["conv1.weight"].flip(1)
+        out["conv1.weight"] = w * torch.tensor(_RGB_STD_255).view(1, 3, 1, 1)
+    return out
+
+
+def _c2_blobs(obj: Any) -> Mapping[str, Any] | None:
+    """The blobs of an MSRA/Detectron `.pkl` ({'blobs': {...}} or the names at top level)."""
+    if not isinstance(obj, Mapping):
+        return None
+    blobs = obj.get("blobs") if isinstance(obj.get("blobs"), Mapping) else obj
+    return blobs if "conv1_w" in blobs and "res2_0_branch2a_w" in blobs else None
 
 
 # --------------------------------------------------------------------------- layouts
@@ -344,6 +408,13 @@ def _read_detectron2(obj: Any, path: Path) -> _Parsed:
     return _Parsed("detectron2", _trunk_only(trunk))
 
 
+def _read_caffe2(obj: Any, path: Path) -> _Parsed:
+    blobs = _c2_blobs(obj)
+    if blobs is None:
+        raise UserError(f"{path}: not a Caffe2 checkpoint: no 'conv1_w' and 'res2_0_branch2a_w'")
+    return _Parsed("caffe2", _trunk_only(from_caffe2(blobs)))
+
+
 _READERS = {
     "native": _read_native,
     "torchvision": _read_torchvision,
@@ -352,6 +423,7 @@ _READERS = {
     "pycontrast": _read_pycontrast,
     "plain": _read_plain,
     "detectron2": _read_detectron2,
+    "caffe2": _read_caffe2,
 }
 
 
@@ -365,6 +437,8 @@ def detect_format(obj: Any) -> str | None:
         return "native"
     if _d2_state(obj) is not None:
         return "detectron2"
+    if _c2_blobs(obj) is not None:
+        return "caffe2"
     state, model = obj.get("state_dict"), obj.get("model")
     if isinstance(state, Mapping) and any(k.startswith("module.encoder_q.") for k in state):
         return "moco"
@@ -381,6 +455,13 @@ def parse_checkpoint(obj: Any, path: Path, fmt: str | None = None) -> _Parsed:
     """Run the reader for `fmt` (or the detected layout) and insist it found a trunk."""
     if fmt is not None and fmt not in _READERS:
         raise UserError(f"{path}: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fmt is None and detect_format(obj) == "caffe2":
+        raise UserError(
+            f"{path}: Caffe2 (MSRA) weights put each downsampling block's stride in its 1x1 "
+            "convolution, torchvision's ResNet in the 3x3, so here they would compute another "
+            "function; --format caffe2 reads them anyway (right for weights trained with the "
+            "stride in the 3x3)"
+        )
     fmt = fmt or detect_format(obj)
     if fmt is None:
         keys = list(obj)[:_SHOWN] if isinstance(obj, Mapping) else [type(obj).__name__]

@@ -1,6 +1,7 @@
 import dataclasses
 import importlib.util
 import json
+import math
 import pickle
 
 import pytest
@@ -22,6 +23,7 @@ from transfer.detection import (
     build_c4_detector,
     detect,
     detector_trunk_state,
+    detectron2_config,
     run_detection,
     table1_markdown,
     write_detectron2_handover,
@@ -63,6 +65,18 @@ def test_r50_c4_shapes():
     assert pred.cls_score.out_features == 21 and pred.bbox_pred.out_features == 84
     gen = model.rpn.anchor_generator
     assert gen.sizes == ((32, 64, 128, 256, 512),) and gen.num_anchors_per_location() == [15]
+
+
+def test_anchors_are_detectrons_cell_anchors_not_rounded():
+    # detectron2's DefaultAnchorGenerator: width sqrt(size^2 / ratio), height ratio * width,
+    # centred on 0; torchvision rounds these to whole pixels (size 32, ratio 0.5: 45.25 -> 46).
+    gen = build_c4_detector(build_trunk("resnet18", 0.125), 3).rpn.anchor_generator
+    want = []
+    for r in (0.5, 1.0, 2.0):  # torchvision's order: ratio-major
+        for s in (32, 64, 128, 256, 512):
+            w = math.sqrt(s * s / r)
+            want.append([-w / 2, -r * w / 2, w / 2, r * w / 2])
+    assert torch.allclose(gen.cell_anchors[0], torch.tensor(want), rtol=0, atol=1e-4)
 
 
 def test_roi_align_is_half_pixel_aligned():
@@ -161,6 +175,10 @@ def test_detectron2_handover(tmp_path):
     back = from_detectron2(d2["model"])
     want = {k: v for k, v in trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
     assert set(back) == set(want) and all(torch.equal(back[k], want[k]) for k in want)
+    small = dataclasses.replace(cfg, device="cpu", roi_batch_size=16, proposals=(30, 10))
+    m = detectron2_config(small, pkl, "resnet50", 20)["MODEL"]
+    assert m["DEVICE"] == "cpu" and m["ROI_HEADS"]["BATCH_SIZE_PER_IMAGE"] == 16
+    assert (m["RPN"]["POST_NMS_TOPK_TRAIN"], m["RPN"]["POST_NMS_TOPK_TEST"]) == (30, 10)
     with pytest.raises(UserError, match="bottleneck"):
         write_detectron2_handover(cfg, build_trunk("resnet18"), 20)
     with pytest.raises(UserError, match="full-width"):

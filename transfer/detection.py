@@ -5,8 +5,11 @@ up to res4 (stride 16) is the backbone, the RPN runs on res4 (anchors 32..512, r
 0.5/1/2), RoIAlign 14x14 (sampling ratio 0, aligned=True like detectron2's ROIAlignV2)
 feeds res5 as the box head, global average pooling, then class and box predictors. Every
 BatchNorm is frozen with the encoder's statistics and the stem and res2 are frozen
-(detectron2 FREEZE_AT=2). Known differences from detectron2: torchvision's smooth-L1 box
-losses (beta 1/9) instead of L1, and no aspect-ratio grouping of batches.
+(detectron2 FREEZE_AT=2). Anchors are detectron2's cell anchors (not rounded to whole pixels
+as torchvision's are), so with weights converted by `transfer.detectron2_backend` both
+detectors give the same proposals and detections. Known differences from detectron2 in
+training: torchvision's smooth-L1 box losses (beta 1/9) instead of L1, and no aspect-ratio
+grouping of batches. The detectron2 backend itself is `transfer/detectron2_backend.py`.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ PAPER_ITERS, PAPER_BATCH, PAPER_LR, PAPER_STEP, PAPER_WARMUP = 25_000, 16, 0.002
 PAPER_TRAIN_SIZES = tuple(range(480, 801, 32))
 PAPER_TEST_SIZE, PAPER_MAX_SIZE = 800, 1333
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
+ANCHOR_RATIOS = (0.5, 1.0, 2.0)
 
 
 # --------------------------------------------------------------------------- model
@@ -133,6 +137,25 @@ class Res5Head(nn.Module):
         return self.layer4(x).mean(dim=(2, 3))
 
 
+class C4AnchorGenerator(AnchorGenerator):
+    """torchvision's anchor order (ratio-major) with detectron2's cell anchors: width
+    sqrt(size^2 / ratio), height ratio * width, centred on 0 and not rounded to whole pixels."""
+
+    def generate_anchors(
+        self,
+        scales: Sequence[int],
+        aspect_ratios: Sequence[float],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> torch.Tensor:
+        sizes = torch.as_tensor(scales, dtype=torch.float64)
+        ratios = torch.as_tensor(aspect_ratios, dtype=torch.float64)
+        w = torch.sqrt(sizes[None, :] ** 2 / ratios[:, None])
+        h = ratios[:, None] * w
+        anchors = torch.stack([-w / 2, -h / 2, w / 2, h / 2], dim=-1).reshape(-1, 4)
+        return anchors.to(dtype=dtype, device=device)
+
+
 class SizeByMode(GeneralizedRCNNTransform):
     """Shorter side: a random train size when training, the test size otherwise."""
 
@@ -169,7 +192,7 @@ def build_c4_detector(
         nn.init.zeros_(b)
     model = FasterRCNN(
         C4Backbone(trunk),
-        rpn_anchor_generator=AnchorGenerator((ANCHOR_SIZES,), ((0.5, 1.0, 2.0),)),
+        rpn_anchor_generator=C4AnchorGenerator((ANCHOR_SIZES,), (ANCHOR_RATIOS,)),
         rpn_pre_nms_top_n_train=12000, rpn_post_nms_top_n_train=proposals[0],
         rpn_pre_nms_top_n_test=6000, rpn_post_nms_top_n_test=proposals[1],
         box_roi_pool=C4RoIAlign(), box_head=head, box_predictor=predictor,
@@ -387,6 +410,8 @@ def _restore(model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]
 def run_detection(cfg: DetectionConfig) -> dict[str, Any]:
     """Fine-tune the C4 detector from the encoder, test it, write the run folder."""
     if cfg.backend == "detectron2":
+        from transfer.detectron2_backend import run_detectron2
+
         return run_detectron2(cfg)
     rank, world, device = setup_distributed(cfg.device)
     sched = cfg.schedule()
@@ -499,17 +524,20 @@ def detectron2_config(
             "META_ARCHITECTURE": "GeneralizedRCNN",
             "WEIGHTS": str(weights_pkl),
             "MASK_ON": False,
+            "DEVICE": str(resolve_device(cfg.device)),
             "PIXEL_MEAN": [255 * m for m in IMAGENET_MEAN],
             "PIXEL_STD": [255 * v for v in IMAGENET_STD],
             "BACKBONE": {"NAME": "build_resnet_backbone", "FREEZE_AT": 2},
             "RESNETS": {"DEPTH": depths[arch], "OUT_FEATURES": ["res4"], "NORM": "FrozenBN",
                         "STRIDE_IN_1X1": False},
-            "ANCHOR_GENERATOR": {"SIZES": [list(ANCHOR_SIZES)], "ASPECT_RATIOS": [[0.5, 1.0, 2.0]]},
+            "ANCHOR_GENERATOR": {"SIZES": [list(ANCHOR_SIZES)],
+                                 "ASPECT_RATIOS": [list(ANCHOR_RATIOS)]},
             "RPN": {"IN_FEATURES": ["res4"], "PRE_NMS_TOPK_TRAIN": 12000,
-                    "POST_NMS_TOPK_TRAIN": 2000, "PRE_NMS_TOPK_TEST": 6000,
-                    "POST_NMS_TOPK_TEST": 1000},
+                    "POST_NMS_TOPK_TRAIN": cfg.proposals[0], "PRE_NMS_TOPK_TEST": 6000,
+                    "POST_NMS_TOPK_TEST": cfg.proposals[1]},
             "ROI_HEADS": {"NAME": "Res5ROIHeads", "IN_FEATURES": ["res4"],
-                          "NUM_CLASSES": num_classes, "BATCH_SIZE_PER_IMAGE": 512,
+                          "NUM_CLASSES": num_classes,
+                          "BATCH_SIZE_PER_IMAGE": cfg.roi_batch_size,
                           "SCORE_THRESH_TEST": 0.05, "NMS_THRESH_TEST": 0.5},
             "ROI_BOX_HEAD": {"POOLER_RESOLUTION": 14, "POOLER_SAMPLING_RATIO": 0,
                              "POOLER_TYPE": "ROIAlignV2"},
@@ -546,52 +574,6 @@ def write_detectron2_handover(
     yaml_path = out / "detectron2_config.yaml"
     yaml_path.write_text(json.dumps(config, indent=2) + "\n")  # JSON is valid YAML
     return yaml_path, pkl
-
-
-# What detectron2's own checkpointer writes in the run folder: a resume continues from it.
-D2_CHECKPOINT = "detectron2/last_checkpoint"
-
-
-def run_detectron2(cfg: DetectionConfig) -> dict[str, Any]:
-    """Train and test with detectron2 itself from the handed-over config and weights."""
-    import importlib.util
-
-    if importlib.util.find_spec("detectron2") is None:
-        raise UserError(
-            "--backend detectron2: detectron2 is not installed; install it with pip install "
-            "'git+https://github.com/facebookresearch/detectron2.git' or use --backend torchvision"
-        )
-    devkit, train, test, year, split = _splits(cfg)
-    classes = voc_classes(train + test)
-    trunk, source = _load_trunk(cfg)
-    name, run = _claim(cfg, resolve_device(cfg.device), devkit, source, classes, D2_CHECKPOINT)
-    yaml_path, _ = write_detectron2_handover(cfg, trunk, len(classes))
-    from detectron2.config import get_cfg
-    from detectron2.data.datasets import register_pascal_voc
-    from detectron2.engine import DefaultTrainer
-    from detectron2.evaluation import PascalVOCDetectionEvaluator
-
-    for spec in (*cfg.train_sets, cfg.test_set):
-        y, sp = parse_set_name(spec)
-        register_pascal_voc(_d2_dataset_name(spec), str(devkit / f"VOC{y}"), sp, int(y), classes)
-
-    class Trainer(DefaultTrainer):
-        @classmethod
-        def build_evaluator(cls, d2cfg: Any, dataset_name: str) -> Any:
-            return PascalVOCDetectionEvaluator(dataset_name)
-
-    d2cfg = get_cfg()
-    d2cfg.merge_from_file(str(yaml_path))
-    trainer = Trainer(d2cfg)
-    trainer.resume_or_load(resume=cfg.resume)
-    trainer.train()
-    bbox = Trainer.test(d2cfg, trainer.model)["bbox"]
-    results = {k: float(bbox[k]) for k in ("AP", "AP50", "AP75")}
-    results["metric"] = "voc07-11point" if year == "2007" else "area"
-    results.update(method=name, weights=source, backend="detectron2", iterations=cfg.iters)
-    run.write_results(results)
-    run.path("table1_row.md").write_text(markdown_row(name, results) + "\n")
-    return results
 
 
 def table1_markdown(table: pd.DataFrame) -> str:
