@@ -128,6 +128,13 @@ class _LogLines(io.TextIOBase):
         return len(text)
 
 
+class _PeriodicBar(tqdm):
+    """tqdm whose postfix waits for the next periodic line instead of forcing one."""
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+
 def progress(
     iterable: Iterable[Any] | None = None,
     *,
@@ -142,7 +149,7 @@ def progress(
     if sys.stderr.isatty():
         return tqdm(iterable, total=total, desc=desc, initial=initial, leave=False, disable=quiet)
     every = float(os.environ.get(PROGRESS_ENV, "60"))
-    return tqdm(
+    return _PeriodicBar(
         iterable,
         total=total,
         desc=desc,

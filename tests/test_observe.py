@@ -74,8 +74,9 @@ def test_off_a_terminal_progress_is_plain_lines(capsys, monkeypatch) -> None:
     assert lines[0].startswith("epoch 1/1:") and "5/5" in lines[-1]
     monkeypatch.setenv("PIRL_TOOLS_PROGRESS_SECONDS", "3600")
     bar = progress(total=25_000, desc="detection")
-    for _ in range(25_000):
+    for i in range(25_000):
         bar.update(1)
+        bar.set_postfix(loss=f"{1 / (i + 1):.3f}")  # as the loops do at every step
     bar.close()
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) <= 3 and "25000/25000" in lines[-1]  # the start, the end: no flood
