@@ -96,14 +96,15 @@ def run_knn(
     """The weighted kNN classifier (NPID votes exp(s / 0.07)) of one encoder on a labelled
     data set, val against train, top-1 (%) per layer and k, as a `transfer knn` run folder
     (results.json, knn.csv, knn.md)."""
+    from pirl.spec import parse_weights
     from pirl.weights import load_encoder
-    from transfer.linear_probe import method_and_path, parse_layers
+    from transfer.linear_probe import parse_layers
 
     layers = parse_layers(layer)
     ks = tuple(ks) or KS
     require_at_least(1, batch_size=batch_size, image_size=image_size, k=min(ks))
     require_at_least(0, num_workers=num_workers)
-    method, path = method_and_path(weights)
+    method, path = parse_weights(weights)
     train, val, root, size = _labelled_splits(data, benchmark)
     size = image_size or size or 224
     config = dict(

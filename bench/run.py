@@ -11,7 +11,14 @@ from pathlib import Path
 import torch
 
 # Each module exposes run() -> str (a Markdown section with the command that reproduces it).
-MODULES = ("bench.demo", "bench.pretrain_step", "bench.decode", "bench.svm", "bench.knn")
+MODULES = (
+    "bench.demo",
+    "bench.pretrain_step",
+    "bench.decode",
+    "bench.svm",
+    "bench.knn",
+    "bench.detection",
+)
 
 
 def machine() -> str:

@@ -14,6 +14,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -36,9 +37,17 @@ T = TypeVar("T")
 RUNTIME_KEYS = frozenset(
     {"out", "device", "num_workers", "resume", "overwrite", "allow_change", "logger", "save_every"}
 )
-# What the engine writes into a run folder (an --overwrite removes exactly these).
 PROGRESS_ENV = "PIRL_TOOLS_PROGRESS_SECONDS"
+# What the engine writes into a run folder (their presence means a run is there).
 RUN_FILES = ("config.json", "run.json", "metrics.csv", "results.json", "checkpoint.pth")
+# What the recipes and loggers write beside them: an --overwrite removes these too, so nothing
+# of the replaced run is mistaken for the new one's.
+RUN_OUTPUTS = (
+    "checkpoint_epoch*.pth", "trunk.pth", "trunk.safetensors", "learning_curve.png",
+    "classifier.pth", "layers.*", "subset.txt", "table1_row.md", "row.md", "knn.*",
+    "detections", "detectron2", "tensorboard", "wandb", "detectron2_config.yaml",
+    "detectron2_weights.pkl",
+)  # fmt: skip
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -173,6 +182,16 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     )
 
 
+def rank_batch(batch_size: int) -> int:
+    """Each process's share of the global batch; a batch the processes cannot share equally is
+    refused (the LR is scaled from the global batch, so a silently smaller one trains another
+    recipe)."""
+    size = world()[1]
+    if batch_size % size:
+        raise UserError(f"--batch-size {batch_size} is not divisible by {size} processes")
+    return batch_size // size
+
+
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     """The seed of one epoch on one rank: what makes a resumed epoch repeat exactly."""
     return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % 2**63
@@ -189,7 +208,7 @@ def epoch_loader(
     """One epoch's shuffled loader of a global batch split over the ranks; its order and its
     workers' augmentation seeds depend on (seed, epoch, rank) only, so a resume repeats it."""
     rank, size = world()
-    per_rank = max(1, batch_size // size)
+    per_rank = rank_batch(batch_size)
     sampler = None
     if size > 1:
         sampler = torch.utils.data.DistributedSampler(
@@ -366,26 +385,39 @@ class RunDir:
         checkpoint: str = "checkpoint.pth",
         logger: str = "none",
     ) -> None:
-        """Claim the folder for `command` (rank 0; the other ranks of a DDP run leave the folder
-        to it): check(), remove temp files of a killed write, write config.json (what --config
-        reads back) and run.json (environment and command line of every invocation), and open
-        the metrics logger (`logger`: none, tensorboard, wandb). `checkpoint` is the file a
-        resume continues from (a backend may keep its own)."""
-        if world()[0] != 0:
+        """Claim the folder for `command` (rank 0 checks and writes; under DDP every rank raises
+        rank 0's refusal): check(), remove temp files of a killed write, write config.json
+        (what --config reads back) and run.json (environment and command line of every
+        invocation), and open the metrics logger (`logger`: none, tensorboard, wandb).
+        `checkpoint` is the file a resume continues from (a backend may keep its own)."""
+        rank, size = world()
+        refusal = None
+        if rank == 0:
+            try:
+                self.check(
+                    command,
+                    config,
+                    resume=resume,
+                    overwrite=overwrite,
+                    allow_change=allow_change,
+                    checkpoint=checkpoint,
+                )
+            except UserError as exc:
+                refusal = str(exc)
+        if size > 1:  # every rank stops on rank 0's refusal, none waits in a collective
+            shared = [refusal]
+            dist.broadcast_object_list(shared, src=0)
+            refusal = shared[0]
+        if refusal is not None:
+            raise UserError(refusal)
+        if rank != 0:
             return
-        self.check(
-            command,
-            config,
-            resume=resume,
-            overwrite=overwrite,
-            allow_change=allow_change,
-            checkpoint=checkpoint,
-        )
         for stale in self.root.glob(".*.tmp*"):  # a write killed before its rename
             stale.unlink(missing_ok=True)
         if overwrite and not resume:
-            for name in RUN_FILES:
-                self.path(name).unlink(missing_ok=True)
+            for pattern in (*RUN_FILES, *RUN_OUTPUTS):
+                for old in self.root.glob(pattern):
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
         data = json.dumps(_jsonable(config), indent=2, sort_keys=True).encode()
         atomic_write_bytes(self.path("config.json"), data)
         runs = self._runs() if resume else []
@@ -465,10 +497,18 @@ class RunDir:
                 f"{self.path('checkpoint.pth')}: cannot resume from this checkpoint ({first})"
             ) from None
 
-    def check_finite(self, loss: float, where: str, name: str = "checkpoint.pth") -> None:
+    def check_finite(
+        self, loss: float, where: str, device: torch.device, name: str = "checkpoint.pth"
+    ) -> None:
         """Stop on a NaN or infinite loss before the step is applied, naming the last good
-        checkpoint (the one on disk is never replaced by a diverged state)."""
-        if math.isfinite(loss):
+        checkpoint (the one on disk is never replaced by a diverged state); under DDP every rank
+        stops when any rank's loss is not finite."""
+        bad = not math.isfinite(loss)
+        if world()[1] > 1:
+            flag = torch.tensor(float(bad), device=device)
+            dist.all_reduce(flag)
+            bad = flag.item() > 0
+        if not bad:
             return
         ckpt = self.path(name)
         kept = f"last good checkpoint kept at {ckpt}" if ckpt.exists() else "no checkpoint yet"

@@ -138,6 +138,7 @@ class FeatureExtractor:
         amp: bool = True,
         grid: int | None = None,
         identity: str | None = None,
+        alone: bool = False,
     ) -> None:
         self.stage = _stage(layer)
         self.layer = layer
@@ -151,6 +152,9 @@ class FeatureExtractor:
         grid_dim = trunk.channels[self.stage] * (grid or 1) ** 2
         self.dim = feature_dim(trunk, layer) if grid is None else grid_dim
         self.identity = identity  # what decides the trunk's weights; None: never cached
+        # alone: this process extracts every item itself, even under torch.distributed (the
+        # pretraining monitor runs on rank 0 while the other ranks go on training)
+        self.alone = alone
 
     @classmethod
     def for_encoder(
@@ -249,7 +253,7 @@ class FeatureExtractor:
         todo = [layer for layer in dict.fromkeys(layers) if layer not in done]
         if not todo:
             return {layer: done[layer] for layer in layers}
-        rank, world = dist_world()
+        rank, world = (0, 1) if self.alone else dist_world()
         n = len(dataset)
         shard = list(range(rank, n, world))
         local = self._run(dataset, shard, todo, batch_size, num_workers, progress and rank == 0)

@@ -137,13 +137,15 @@ def trunk_knn(
     num_workers: int = 0,
     identity: str | None = None,
     progress: bool = True,
+    alone: bool = False,
 ) -> dict[int, float]:
     """kNN top-1 (%) per k of one layer of a trunk (which FeatureExtractor freezes: pass a copy of a
     trunk still training) on Resize + CenterCrop inputs; `test=None` is leave-one-out.
     `identity` (an `Encoder.fingerprint`) lets the features come from and go to the shared
-    cache; None (a trunk still training) computes them afresh."""
+    cache; None (a trunk still training) computes them afresh. `alone`: this process scores
+    every image itself, even under torch.distributed."""
     transform = center_crop_transform(image_size)
-    ext = FeatureExtractor(trunk, layer, device=device, identity=identity)
+    ext = FeatureExtractor(trunk, layer, device=device, identity=identity, alone=alone)
     feats = [
         ext.extract(
             split, transform, batch_size=batch_size, num_workers=num_workers, progress=progress

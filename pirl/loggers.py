@@ -17,12 +17,15 @@ STEP_KEYS = ("step", "iteration", "epoch")
 
 
 def scalars(row: Mapping[str, Any]) -> Iterator[tuple[str, float]]:
-    """The row's numbers (not its position keys, not missing or text values)."""
+    """The row's numbers (not its position keys, not missing values), each tagged under the
+    row's text values (`res3/loss` for a probe's row of layer res3), so rows of several probes
+    at one step do not overwrite each other."""
+    prefix = "".join(f"{v}/" for v in row.values() if isinstance(v, str))
     for key, value in row.items():
         if key in STEP_KEYS or isinstance(value, bool) or not isinstance(value, int | float):
             continue
         if not math.isnan(value):
-            yield key, float(value)
+            yield prefix + key, float(value)
 
 
 def step_of(row: Mapping[str, Any]) -> int:

@@ -11,17 +11,9 @@ from typing import Any
 import click
 
 from pirl.errors import UserError
+from pirl.spec import parse_weights
 
 F = Callable[..., Any]
-
-
-def parse_weights(spec: str) -> tuple[str, str]:
-    """`[NAME=]PATH` -> (name, path): NAME, else an existing file's stem, else the spec itself
-    (so `random:resnet18@0.25` keeps its whole name)."""
-    name, sep, path = spec.partition("=")
-    if sep:
-        return name, path
-    return (Path(spec).stem if Path(spec).is_file() else spec), spec
 
 
 def encoder_specs(weights: Iterable[str]) -> list[tuple[str, str]]:
@@ -183,6 +175,11 @@ def read_config(path: str) -> dict[str, Any]:
     return data
 
 
+# How the recorded run was invoked, not what it computes: a run folder's config.json read back
+# with --config must not resume, overwrite or write into that folder unless the flags say so.
+INVOCATION_KEYS = ("out", "resume", "overwrite", "allow_change")
+
+
 def config_defaults(
     command: click.Command,
     path: str,
@@ -194,7 +191,7 @@ def config_defaults(
     params = {p.name: p for p in command.params if isinstance(p, click.Option)}
     defaults = {}
     for key, value in data.items():
-        if key in recorded:
+        if key in recorded or key in INVOCATION_KEYS:
             continue
         param = params.get(key)
         if param is None or key == "config":

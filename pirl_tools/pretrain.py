@@ -136,7 +136,8 @@ from pirl_tools.options import (
     default="auto",
     show_default=True,
     help="Where the batched path decodes JPEGs: gpu (nvJPEG on the training GPU, workers only "
-    "read the files), cpu (libjpeg-turbo in the workers), auto: gpu when training on CUDA.",
+    "read the files; opt-in until checked on a GPU), cpu (libjpeg-turbo in the workers), "
+    "auto: cpu.",
 )
 @click.option(
     "--shared-negatives",
@@ -198,6 +199,10 @@ def pretrain(nproc: int, **kwargs: Any) -> None:
         pretrain_multiprocess(cfg, nproc)
     else:
         run_pretrain(cfg)
+    from pirl.engine import world
+
+    if world()[0] != 0:  # under torchrun or srun, rank 0 alone reports
+        return
     ckpt = Path(cfg.out) / "checkpoint.pth"
     if cfg.data is None:  # the embedded demo: show what was learned
         from pirl.tables import comparison

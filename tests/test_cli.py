@@ -143,7 +143,7 @@ def test_version_names_torch() -> None:
 
 
 def test_weights_name_keeps_a_random_spec_whole(tmp_path: Path) -> None:
-    from pirl_tools.options import parse_weights
+    from pirl.spec import parse_weights
 
     ckpt = tmp_path / "mine.pth"
     ckpt.write_bytes(b"")
@@ -191,6 +191,20 @@ def test_pretrain_config_json_reads_back_as_config(tiny_folder: Path, tmp_path: 
     assert json.loads((first / "results.json").read_text()) == json.loads(
         (second / "results.json").read_text()
     )
+    # A config recorded by a resumed, overwriting run: read back, it neither resumes nor
+    # overwrites, nor writes into the recorded folder.
+    resumed = [*args, "--out", str(first), "--resume", "--allow-change", "epochs", "--epochs", "2"]
+    assert CliRunner().invoke(main, resumed).exit_code == 0
+    recorded = json.loads((first / "config.json").read_text())
+    assert recorded["resume"] and recorded["allow_change"] == ["epochs"]
+    third = tmp_path / "third"
+    result = CliRunner().invoke(
+        main, ["pretrain", "--config", str(first / "config.json"), "--out", str(third)]
+    )
+    assert result.exit_code == 0, result.output
+    third_config = json.loads((third / "config.json").read_text())
+    assert not third_config["resume"] and third_config["allow_change"] == []
+    assert third_config["epochs"] == 2
 
 
 @pytest.mark.parametrize(

@@ -135,3 +135,39 @@ def test_run_json_records_environment(tmp_path: Path, monkeypatch: pytest.Monkey
     assert inv["versions"]["torch"] == torch.__version__
     assert inv["versions"]["torchvision"] == torchvision.__version__
     assert json.loads(run.path("config.json").read_text()) == CONFIG
+
+
+def _claiming_rank(rank: int, port: int, root: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        RunDir(root).start("transfer lowshot", CONFIG, CPU)
+        outcome = "started"
+    except UserError as exc:
+        outcome = f"refused: {exc}"
+    Path(root, f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+def test_under_ddp_every_rank_stops_on_rank_0s_refusal(tmp_path: Path) -> None:
+    """Else the other ranks go on into the first collective and wait there for ever."""
+    from pirl.pretrain import free_port
+
+    run = tmp_path / "run"
+    RunDir(run).start("transfer lowshot", CONFIG, CPU)
+    torch.multiprocessing.spawn(_claiming_rank, args=(free_port(), str(run)), nprocs=2)
+    outcomes = [(run / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert outcomes[0] == outcomes[1] and outcomes[0].startswith("refused: ")
+    assert "a transfer lowshot run exists here" in outcomes[0]
+
+
+def test_overwrite_removes_the_replaced_runs_outputs_and_nothing_else(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    run.start("pretrain", CONFIG, CPU)
+    for name in ("learning_curve.png", "checkpoint_epoch2.pth", "trunk.pth", "notes.txt"):
+        run.path(name).write_text("old")
+    (run.path("tensorboard") / "events").mkdir(parents=True)
+    run.start("pretrain", CONFIG, CPU, overwrite=True)
+    left = sorted(p.name for p in run.root.iterdir())
+    assert left == ["config.json", "notes.txt", "run.json"]

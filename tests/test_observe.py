@@ -114,3 +114,19 @@ def test_srun_tasks_form_one_process_group(tmp_path: Path) -> None:
     tasks = [json.loads((tmp_path / f"task{r}.json").read_text()) for r in (0, 1)]
     assert [t["rank"] for t in tasks] == [0, 1]
     assert all(t["world"] == 2 and t["sum"] == 1.0 and t["device"] == "cpu" for t in tasks)
+
+
+def test_rows_of_several_probes_keep_their_own_tags(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pirl.engine import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.start("transfer linear", {"layer": "all"}, torch.device("cpu"), logger="tensorboard")
+    run.append_metrics({"layer": "res2", "epoch": 1, "loss": 2.0, "val_top1": 30.0})
+    run.append_metrics({"layer": "res5", "epoch": 1, "loss": 1.0, "val_top1": 60.0})
+    run.write_results({})
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("res2/val_top1")] == [30.0]
+    assert [e.value for e in events.Scalars("res5/val_top1")] == [60.0]

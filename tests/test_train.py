@@ -454,3 +454,16 @@ def test_save_every_keeps_snapshots_and_the_end_exports_a_torchvision_trunk(
     for key, value in last["trunk"].items():
         assert torch.equal(exported["trunk.pth"][key], value)
         assert torch.equal(exported["trunk.safetensors"][key], value)
+
+
+def test_ddp_pretraining_with_the_knn_monitor_scores_on_rank_0_alone(
+    tiny_folder: Path, tmp_path: Path
+) -> None:
+    """The monitor runs on rank 0 only: its extraction must not wait for the other ranks."""
+    val = split_folder(tmp_path / "val", tiny_folder)
+    cfg = tiny_config(tiny_folder, tmp_path / "run", epochs=2, eval_every=1, val_data=str(val))
+    train.pretrain_multiprocess(cfg, 2)
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open(newline="")))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and all(r["knn_top1"] for r in rows)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0 <= results["knn_top1"] <= 100 and 0 <= results["random_knn_top1"] <= 100

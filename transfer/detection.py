@@ -38,6 +38,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align
 from pirl.engine import (
     RunDir,
     progress,
+    rank_batch,
     require_at_least,
     resolve_device,
     seed_everything,
@@ -307,7 +308,8 @@ def _endless_batches(
     dataset: VocDetectionDataset, per_rank: int, seed: int, start: int, rank: int, world: int,
     num_workers: int,
 ) -> Iterator[Any]:  # fmt: skip
-    """Batches forever, reshuffled each pass with a seed fixed by (seed, pass) so resumes repeat."""
+    """Batches forever, reshuffled each pass with a seed fixed by (seed, pass); a resume starts
+    the interrupted pass afresh (the order repeats, the position in it does not)."""
     epoch = start * per_rank * world // max(len(dataset), 1)
     while True:
         sampler = torch.utils.data.DistributedSampler(
@@ -415,9 +417,7 @@ def run_detection(cfg: DetectionConfig) -> dict[str, Any]:
         return run_detectron2(cfg)
     rank, world, device = setup_distributed(cfg.device)
     sched = cfg.schedule()
-    if sched.batch_size % world:
-        raise UserError(f"--batch-size {sched.batch_size} is not divisible by {world} processes")
-    per_rank = sched.batch_size // world
+    per_rank = rank_batch(sched.batch_size)
     seed_everything(cfg.seed + rank)
     devkit, train, test, year, split = _splits(cfg)
     classes = voc_classes(train + test)
@@ -452,7 +452,7 @@ def run_detection(cfg: DetectionConfig) -> dict[str, Any]:
             g["lr"] = sched.lr(it)
         losses = net(imgs, targets)
         loss = sum(losses.values())
-        run.check_finite(loss.item(), f"iteration {it}")
+        run.check_finite(loss.item(), f"iteration {it}", device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

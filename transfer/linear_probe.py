@@ -34,6 +34,7 @@ from pirl.features import (
     feature_channels,
     resize_transform,
 )
+from pirl.spec import parse_weights
 from transfer.classifiers import LinearProbe, scaled_schedule, train_probes, voc07_svm
 from transfer.datasets import (
     BENCHMARKS,
@@ -88,14 +89,6 @@ def _batches(
         yield x, torch.from_numpy(labels[idx])
 
 
-def method_and_path(spec: str) -> tuple[str, str]:
-    """Split [NAME=]PATH; the name defaults to the file's stem, or the spec itself (random:...)."""
-    name, sep, path = spec.partition("=")
-    if sep:
-        return name, path
-    return (Path(spec).stem if Path(spec).is_file() else spec), spec
-
-
 def parse_layers(spec: str) -> list[str]:
     """`all` (the paper's Fig. 5 stages), one layer or a comma list -> the layers, in order."""
     layers = list(FIG5_LAYERS) if spec == "all" else [x.strip() for x in spec.split(",")]
@@ -145,7 +138,7 @@ def run_linear(
     if resume and benchmark == "voc07":
         raise UserError("--resume: the VOC07 SVMs train in one go; nothing to resume")
     spec = weights
-    method, weights = method_and_path(weights)
+    method, weights = parse_weights(weights)
     if data is None:
         data = embedded_benchmarks()[benchmark]
         image_size = image_size or EMBEDDED_SIZE

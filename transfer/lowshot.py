@@ -41,6 +41,7 @@ from pirl.engine import (
     epoch_seed,
     param_groups,
     progress,
+    rank_batch,
     require_at_least,
     seed_everything,
     setup_distributed,
@@ -386,6 +387,7 @@ def finetune(cfg: LowshotConfig) -> dict[str, Any]:
     """Fine-tune one encoder on the subset, evaluate on val; rank 0 writes the run folder."""
     rank, world, device = setup_distributed(cfg.device)
     given, cfg = cfg, cfg.resolved()
+    per_rank = rank_batch(cfg.batch_size)  # refused before any work if the ranks cannot share it
     train, val, subset = load_data(cfg)
     encoder = load_encoder(cfg.weights, seed=cfg.seed)
     run = RunDir(cfg.out)
@@ -415,7 +417,6 @@ def finetune(cfg: LowshotConfig) -> dict[str, Any]:
     net = wrap_ddp(model, device)
     transform = train_transform(cfg.image_size, cfg.min_crop)
     dataset = ImageDataset(take(train, subset.indices), transform)
-    per_rank = max(1, cfg.batch_size // world)
     criterion = nn.CrossEntropyLoss()
     for epoch in range(start, cfg.epochs):
         seed_everything(epoch_seed(cfg.seed, epoch, rank))
@@ -429,7 +430,7 @@ def finetune(cfg: LowshotConfig) -> dict[str, Any]:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = net(x)
             loss = criterion(logits, y)
-            run.check_finite(loss.item(), f"epoch {epoch + 1}")
+            run.check_finite(loss.item(), f"epoch {epoch + 1}", device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -444,7 +445,7 @@ def finetune(cfg: LowshotConfig) -> dict[str, Any]:
                 {
                     "epoch": epoch + 1,
                     "loss": loss_sum / max(seen, 1),
-                    "train_top1": correct / max(seen, 1),
+                    "train_top1": 100 * correct / max(seen, 1),
                     "lr": optimizer.param_groups[0]["lr"],
                     "head_lr": optimizer.param_groups[-1]["lr"],
                     "images_per_s": seen * world / seconds,

@@ -21,9 +21,10 @@ import click
 import pandas as pd
 
 from pirl.errors import UserError
+from pirl.spec import parse_weights
 from pirl.tables import markdown_table
 from transfer.datasets import BENCHMARKS, SPLITS, load_split
-from transfer.linear_probe import method_and_path, run_linear
+from transfer.linear_probe import run_linear
 
 COLUMNS = {"imagenet": "ImageNet", "voc07": "VOC07", "places205": "Places205", "inat18": "iNat."}
 RANDOM_SPEC = "random=random:resnet18@0.25"
@@ -98,7 +99,7 @@ def build_table2(
             notes += [why] if why else []
     results = []
     for spec in weights:
-        method, _ = method_and_path(spec)
+        method, _ = parse_weights(spec)
         for bench, folder in benches.items():
             click.echo(f"table2: {method} on {bench}", err=True)
             results.append(
@@ -133,7 +134,7 @@ def build_table2(
 def _check_out(out: Path, weights: list[str], overwrite: bool) -> None:
     """Refuse, before any compute, an OUT holding a table and --weights naming one method twice
     (either would stop the table halfway, at a run folder that already exists)."""
-    names = [method_and_path(w)[0] for w in weights]
+    names = [parse_weights(w)[0] for w in weights]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise UserError(f"--weights: method {repeated[0]!r} given twice; use distinct NAME=PATH")
