@@ -269,7 +269,7 @@ def run(
     size: int = 320,
     roi_batch_size: int = 32,
     warmup: int = 2,
-    iters: int = 5,
+    iters: int = 10,
     per_class: int = 300,
     repeats: int = 3,
 ) -> str:
