@@ -22,7 +22,6 @@ from transfer.detection import (
     assemble_table1,
     build_c4_detector,
     detect,
-    detector_trunk_state,
     detectron2_config,
     run_detection,
     table1_markdown,
@@ -36,6 +35,11 @@ from transfer.voc_detection import (
     read_voc_set,
     voc_classes,
 )
+
+
+def detector_trunk_state(model) -> dict[str, torch.Tensor]:
+    """The trunk's weights as the detector holds them, under torchvision names."""
+    return {**model.backbone.state_dict(), **model.roi_heads.box_head.state_dict()}
 
 
 def _randomised_trunk(arch="resnet18", width=0.125, seed=0):

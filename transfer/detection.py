@@ -204,11 +204,6 @@ def build_c4_detector(
     return model
 
 
-def detector_trunk_state(model: FasterRCNN) -> dict[str, torch.Tensor]:
-    """The trunk's weights as the detector holds them, under torchvision names (checks, export)."""
-    return {**model.backbone.state_dict(), **model.roi_heads.box_head.state_dict()}
-
-
 # --------------------------------------------------------------------------- schedule
 
 
