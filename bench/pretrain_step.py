@@ -238,6 +238,7 @@ def step_rows(
         ]
         views = tuple(v.to(device) for v in views)
     cfg = PretrainConfig(
+        data="photos",  # never read: with a data set named, resolved() fills the paper's recipe
         arch="resnet50",
         width=1.0,
         batch_size=batch,
@@ -246,11 +247,11 @@ def step_rows(
         lam=0.5,
         lr=0.01,
         amp=cuda,
-    )
+    ).resolved()
     trainer = make_trainer(cfg, IMAGENET, device)
     model = trainer.model
     run_model = torch.compile(model) if compiled else model
-    aug = trainer.augment = BatchAugment(geo)  # the paper's augmentation
+    aug = trainer.augment  # the paper's augmentation, as the training loop builds it
     gen = torch.Generator().manual_seed(0)
     neg_gen = torch.Generator(device).manual_seed(1)
     idx = torch.arange(batch, device=device)
