@@ -1,6 +1,7 @@
 """Our torchvision detector and VOC AP checked against detectron2 itself, and the detectron2
 backend end to end. Skipped where detectron2 is not installed (CI installs its wheel)."""
 
+import csv
 import dataclasses
 import json
 import pickle
@@ -264,6 +265,13 @@ def test_backend_end_to_end_on_the_cpu_with_resume(tmp_path):
     assert conf["MODEL"]["ROI_HEADS"]["BATCH_SIZE_PER_IMAGE"] == 8
     assert json.loads((out / "run.json").read_text())["command"] == "transfer detection"
     assert (out / "detectron2" / "last_checkpoint").read_text() == "model_final.pth"
+    with open(out / "metrics.csv", newline="") as fh:  # the same run-folder record as ours
+        rows = list(csv.DictReader(fh))
+    assert rows[-1]["iteration"] == "2" and float(rows[-1]["lr"]) > 0
+    terms = [k for k in rows[-1] if k.startswith("loss_")]
+    assert len(terms) == 4 and float(rows[-1]["loss"]) == pytest.approx(
+        sum(float(rows[-1][k]) for k in terms)
+    )
     with pytest.raises(UserError, match="a transfer detection run exists here"):
         run_detection(DetectionConfig(iters=2, **kw))
     with pytest.raises(UserError, match=r"changed settings \(iters 2 -> 3\)"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -233,7 +234,29 @@ def run_detectron2(cfg: DetectionConfig) -> dict[str, Any]:
     from detectron2.engine.hooks import EvalHook
     from detectron2.evaluation import PascalVOCDetectionEvaluator
     from detectron2.utils.env import seed_all_rng
-    from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+    from detectron2.utils.events import (
+        CommonMetricPrinter,
+        EventWriter,
+        JSONWriter,
+        get_event_storage,
+    )
+
+    class RunWriter(EventWriter):
+        """detectron2's latest losses and LR as rows of the run's metrics.csv (and --logger),
+        the columns the torchvision backend writes: iteration, loss, lr, each loss term."""
+
+        last = 0  # the iteration of the last row: the final write after training repeats it
+
+        def write(self) -> None:
+            hinted = get_event_storage().latest_with_smoothing_hint(20)
+            done = 1 + max((it for _, it in hinted.values()), default=-1)
+            if done <= self.last:
+                return
+            self.last = done
+            latest = {k: v for k, (v, _) in hinted.items()}
+            terms = {k: float(latest[k]) for k in sorted(latest) if k.startswith("loss_")}
+            row = {"iteration": done, "loss": sum(terms.values())}
+            run.append_metrics({**row, "lr": float(latest.get("lr", math.nan)), **terms})
 
     class Trainer(DefaultTrainer):
         """DefaultTrainer with the VOC evaluator, no TensorBoard writer (not a dependency), and
@@ -248,7 +271,7 @@ def run_detectron2(cfg: DetectionConfig) -> dict[str, Any]:
 
         def build_writers(self) -> list[Any]:
             out = Path(self.cfg.OUTPUT_DIR) / "metrics.json"
-            return [CommonMetricPrinter(self.max_iter), JSONWriter(str(out))]
+            return [CommonMetricPrinter(self.max_iter), JSONWriter(str(out)), RunWriter()]
 
     d2cfg = get_cfg()
     d2cfg.merge_from_file(str(yaml_path))
