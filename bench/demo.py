@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,8 @@ def run() -> str:
         start = time.perf_counter()
         subprocess.run(cli, env=env, check=True, capture_output=True)
         seconds = time.perf_counter() - start
+        # largest resident set of any finished descendant (Linux: KiB): the main process
+        peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
         r = json.loads((out / "results.json").read_text())
         config = json.loads((out / "config.json").read_text())
     recipe = (
@@ -40,10 +43,11 @@ def run() -> str:
             f"one run on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores; held-out "
             "split of the embedded set. Reproduce: `python -m bench.demo` (or `make bench`).",
             "",
-            "| wall time | kNN top-1 (k=20) | untrained | res5 linear top-1 | untrained "
-            "| final loss | chance level |",
-            "|---|---|---|---|---|---|---|",
-            f"| {seconds / 60:.1f} min | {r['knn_top1']:.1f} | {r['random_knn_top1']:.1f} "
+            "| wall time | peak RSS (largest process) | kNN top-1 (k=20) | untrained "
+            "| res5 linear top-1 | untrained | final loss | chance level |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {seconds / 60:.1f} min | {peak_gb:.2f} GiB | {r['knn_top1']:.1f} "
+            f"| {r['random_knn_top1']:.1f} "
             f"| {r['linear_top1']:.1f} | {r['random_linear_top1']:.1f} "
             f"| {r['final_loss']:.3f} | {r['chance_loss']:.3f} |",
         ]
