@@ -16,7 +16,7 @@ D2_STAMP := $(VENV)/.detectron2
 d2_deps = $(if $(wildcard $(WHEELS)/detectron2-*.whl),$(D2_STAMP))
 weights_flags = $(foreach w,$(WEIGHTS),--weights $(w))
 
-.PHONY: setup demo test bench lint table1 table2 table3 invariance paper-small
+.PHONY: setup demo test bench gpu-check lint table1 table2 table3 invariance paper-small
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: $(STAMP) $(d2_deps)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run --out BENCHMARKS.md
+
+# On a GPU machine: tests/test_cuda.py, then the GPU benchmarks into BENCHMARKS.md.
+gpu-check: $(STAMP)
+	PYTHON=$(BIN)/python bench/gpu_check.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -15,6 +15,7 @@ MODULES = (
     "bench.demo",
     "bench.pretrain_step",
     "bench.decode",
+    "bench.end_to_end",
     "bench.svm",
     "bench.knn",
     "bench.detection",
