@@ -511,14 +511,39 @@ class DeviceDecode:
     """Main-process side of decoding on the GPU: a batch of EncodedImage -> the uint8 crops
     (images (B, 3, H, H), sources (B, 3, S, S) or empty) on the device, for BatchAugment.
     JPEGs go through nvJPEG in one call, then the crop and resize of the worker's boxes; one
-    the device refuses is decoded on the CPU as CropTransform would (or fails as it would)."""
+    the device refuses is decoded on the CPU as CropTransform would (or fails as it would).
+
+    On CUDA all of it runs on a stream of its own. torchvision allocates the decoded images
+    on the caller's current stream but has nvJPEG write them from a private stream that does
+    not wait for the caller's (pytorch/vision#9606): on the training stream it may be handed
+    a block the queued backward still reads, and overwrite it. On our stream the only blocks
+    it can get are those our earlier decodes freed (drained first, one host wait on work long
+    done) or crops that the training stream has finished with (record_stream)."""
 
     def __init__(self, crop: CropTransform) -> None:
         self.crop = crop
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def __call__(
         self, items: list[EncodedImage], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if device.type != "cuda":
+            return self.decode(items, device)
+        main = torch.cuda.current_stream(device)
+        own = self.streams.setdefault(device, torch.cuda.Stream(device))
+        with torch.cuda.stream(own):
+            own.synchronize()
+            images, sources = self.decode(items, device)
+        main.wait_stream(own)
+        for t in (images, sources):
+            if t.numel():  # an empty tensor (no patches) holds no block
+                t.record_stream(main)
+        return images, sources
+
+    def decode(
+        self, items: list[EncodedImage], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The crops, on whatever stream is current."""
         decoded = iter(decode_on_device([e.data for e in items if e.crops is None], device))
         views: list[list[torch.Tensor]] = [[] for _ in self.crop.sizes]
         for e in items:

@@ -159,3 +159,33 @@ def test_gpu_decode_and_crops_equal_the_cpu_path(tmp_path) -> None:
     for got, w in ((images, [x[0] for x in want]), (sources, [x[1] for x in want])):
         diff = (got.cpu().int() - torch.stack(w).int()).abs()
         assert diff.float().mean() < 0.5 and torch.quantile(diff.float(), 0.99) <= 3, diff.max()
+
+
+def test_gpu_decode_leaves_memory_the_training_stream_still_reads(tmp_path) -> None:
+    """torchvision's nvJPEG writes its outputs from a stream of its own that does not wait for
+    the caller's (pytorch/vision#9606). Blocks the training stream freed while kernels that
+    read them were still queued (here reductions behind a long sleep, in training the
+    backward) must keep their values: DeviceDecode decodes on a stream of its own. (That
+    report found 134 of 200 such rounds corrupted on an H100 with torchvision 0.28; this test
+    has not yet run on a GPU against the old, same-stream code.)"""
+    from PIL import Image
+    from skimage import data as skdata
+
+    Image.fromarray(skdata.chelsea()).resize((500, 375)).save(tmp_path / "a.jpg", quality=90)
+    geo = JigsawGeometry.for_image_size(96)
+    enc = A.EncodedTransform(geo, reduce=False)
+    decode = A.DeviceDecode(A.CropTransform(geo, reduce=False))
+    items = [enc(tmp_path / "a.jpg") for _ in range(16)]
+    decode(items, CUDA)  # the decoder's set-up, outside the rounds
+    wrong = 0
+    for _ in range(20):
+        # the size of a decoded image, so that a freed block fits the decoder's next output
+        blocks = [torch.full((3, 375, 500), 1, dtype=torch.uint8, device=CUDA) for _ in items]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(100_000_000)  # tens of ms of work queued on the training stream
+        sums = [b.sum(dtype=torch.int64) for b in blocks]
+        del blocks  # freed while the reductions that read them still wait behind the sleep
+        decode(items, CUDA)
+        torch.cuda.synchronize()
+        wrong += sum(int(s) != 3 * 375 * 500 for s in sums)
+    assert wrong == 0
