@@ -487,7 +487,9 @@ class EncodedTransform(CropTransform):
     """Worker side of decoding on the GPU: the file's bytes and the two crop boxes (drawn from
     the header's size exactly as CropTransform draws them), decoded and cropped on the device
     by DeviceDecode. Files nvJPEG would refuse (not a JPEG, CMYK, cut short) are decoded and
-    cropped here instead, with CropTransform's checks and errors."""
+    cropped here instead, with CropTransform's checks and errors, and so are progressive
+    JPEGs: nvJPEG takes them on its software path, whose entropy decoding runs on the host one
+    image at a time, in the training process rather than in parallel workers."""
 
     def __call__(self, img: Image.Image | Path) -> EncodedImage:  # type: ignore[override]
         if isinstance(img, Image.Image):
@@ -502,7 +504,7 @@ class EncodedTransform(CropTransform):
             return EncodedImage(str(img), boxes, crops=crops)
         check_pixels(img, header.width, header.height)
         boxes = self.boxes(header.width, header.height)
-        if header.components == 4 or not complete(data):
+        if header.components == 4 or header.progressive or not complete(data):
             return EncodedImage(str(img), boxes, crops=self.jpeg_crops(img, data, header, boxes))
         return EncodedImage(str(img), boxes, data=bytes(data))
 

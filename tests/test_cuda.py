@@ -136,8 +136,8 @@ def test_prefetched_batches_arrive_on_the_gpu_unchanged() -> None:
 
 def test_gpu_decode_and_crops_equal_the_cpu_path(tmp_path) -> None:
     """nvJPEG + the float resize on the device against libjpeg-turbo + resize_u8 (the CPU
-    path, itself PIL's pixels: test_decode.py), same boxes; a CMYK JPEG and a PNG decoded by
-    the worker, and a progressive JPEG whichever decoder takes it."""
+    path, itself PIL's pixels: test_decode.py), same boxes, for 4:2:0, 4:4:4 and grey
+    baseline JPEGs; a CMYK JPEG, a progressive JPEG and a PNG decoded by the worker."""
     from PIL import Image
     from skimage import data as skdata
 
@@ -146,6 +146,8 @@ def test_gpu_decode_and_crops_equal_the_cpu_path(tmp_path) -> None:
     img.save(tmp_path / "b.jpg", progressive=True)
     img.convert("CMYK").save(tmp_path / "c.jpg")
     img.resize((200, 150)).save(tmp_path / "d.png")
+    img.save(tmp_path / "e.jpg", quality=90, subsampling=0)
+    img.convert("L").save(tmp_path / "f.jpg", quality=90)
     geo = JigsawGeometry.for_image_size(96)
     enc, crop = A.EncodedTransform(geo, reduce=False), A.CropTransform(geo, reduce=False)
     items, want = [], []
@@ -154,6 +156,7 @@ def test_gpu_decode_and_crops_equal_the_cpu_path(tmp_path) -> None:
         items.append(enc(path))
         torch.manual_seed(i)
         want.append(crop(path))
+    assert [e.data is not None for e in items] == [True, False, False, False, True, True]
     images, sources = A.DeviceDecode(crop)(items, CUDA)
     assert images.is_cuda and images.dtype == torch.uint8
     for got, w in ((images, [x[0] for x in want]), (sources, [x[1] for x in want])):

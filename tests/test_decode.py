@@ -170,9 +170,15 @@ def test_pixel_limit_is_checked_from_the_header(tmp_path: Path, monkeypatch) -> 
 
 def test_encoded_transform_sends_jpegs_and_decodes_the_rest(tmp_path: Path) -> None:
     """The GPU path's worker: bytes + the same boxes for a JPEG; crops (the CPU path's) for
-    CMYK and a PNG; and DeviceDecode on the CPU gives CropTransform's full-size crops."""
+    CMYK, a progressive JPEG and a PNG; and DeviceDecode on the CPU gives CropTransform's
+    full-size crops."""
     data = kinds()
-    files = {"a.jpg": data["baseline"], "c.jpg": data["cmyk"], "g.jpg": data["grayscale"]}
+    files = {
+        "a.jpg": data["baseline"],
+        "c.jpg": data["cmyk"],
+        "g.jpg": data["grayscale"],
+        "i.jpg": data["progressive"],
+    }
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
     photo("coffee", (120, 90)).save(tmp_path / "p.png")
@@ -187,7 +193,7 @@ def test_encoded_transform_sends_jpegs_and_decodes_the_rest(tmp_path: Path) -> N
         torch.manual_seed(i)
         size = load_image(path).size
         assert items[-1].boxes == crop.boxes(*size)
-    assert [e.data is not None for e in items] == [True, False, True, False]
+    assert [e.data is not None for e in items] == [True, False, True, False, False]
     images, sources = A.DeviceDecode(crop)(items, torch.device("cpu"))
     torch.testing.assert_close(images, torch.stack([w[0] for w in want]), atol=1, rtol=0)
     torch.testing.assert_close(sources, torch.stack([w[1] for w in want]), atol=1, rtol=0)
