@@ -16,6 +16,7 @@ pixels: here the pixel that PIL's truncating ops would hold for the float x, flo
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from pirl.decode import (
     reduction,
     scale_of,
 )
+from pirl.errors import UserError
 from pirl.jigsaw import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -50,6 +52,7 @@ from pirl.jigsaw import (
     JigsawGeometry,
 )
 
+log = logging.getLogger(__name__)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2)
 
 
@@ -487,9 +490,10 @@ class EncodedTransform(CropTransform):
     """Worker side of decoding on the GPU: the file's bytes and the two crop boxes (drawn from
     the header's size exactly as CropTransform draws them), decoded and cropped on the device
     by DeviceDecode. Files nvJPEG would refuse (not a JPEG, CMYK, cut short) are decoded and
-    cropped here instead, with CropTransform's checks and errors, and so are progressive
-    JPEGs: nvJPEG takes them on its software path, whose entropy decoding runs on the host one
-    image at a time, in the training process rather than in parallel workers."""
+    cropped here instead, with CropTransform's checks and errors, and so is every frame but
+    an 8-bit sequential Huffman one: nvJPEG takes progressive JPEGs on its software path, whose
+    entropy decoding runs on the host one image at a time, in the training process rather than
+    in parallel workers, and arithmetic-coded, lossless or 12-bit ones fail its batch."""
 
     def __call__(self, img: Image.Image | Path) -> EncodedImage:  # type: ignore[override]
         if isinstance(img, Image.Image):
@@ -504,7 +508,7 @@ class EncodedTransform(CropTransform):
             return EncodedImage(str(img), boxes, crops=crops)
         check_pixels(img, header.width, header.height)
         boxes = self.boxes(header.width, header.height)
-        if header.components == 4 or header.progressive or not complete(data):
+        if header.components == 4 or not header.sequential_8bit or not complete(data):
             return EncodedImage(str(img), boxes, crops=self.jpeg_crops(img, data, header, boxes))
         return EncodedImage(str(img), boxes, data=bytes(data))
 
@@ -519,12 +523,24 @@ class DeviceDecode:
     on the caller's current stream but has nvJPEG write them from a private stream that does
     not wait for the caller's (pytorch/vision#9606): on the training stream it may be handed
     a block the queued backward still reads, and overwrite it. On our stream the only blocks
-    it can get are those our earlier decodes freed (drained first, one host wait on work long
-    done) or crops that the training stream has finished with (record_stream)."""
+    it can get are those our earlier decodes freed, or crops the training stream has finished
+    with (record_stream). The host wait on our stream before each decode must stay a host
+    wait: nvJPEG's hardware engine is reported not to honour a stream-side wait either (it
+    costs nothing in training, whose every step already waits for its loss). The caching
+    allocator's per-stream pools are what keep the training stream's blocks out of reach, so
+    the driver's pools (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync), which may hand one
+    stream's freed memory to another, are refused."""
 
     def __init__(self, crop: CropTransform) -> None:
+        if torch.cuda.is_available() and torch.cuda.get_allocator_backend() != "native":
+            raise UserError(
+                "--decode gpu needs PyTorch's native CUDA allocator: with "
+                "PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync nvJPEG could overwrite memory "
+                "the training stream still reads"
+            )
         self.crop = crop
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.refused = 0  # JPEGs the device decoder refused, decoded on the CPU instead
 
     def __call__(
         self, items: list[EncodedImage], device: torch.device
@@ -532,7 +548,9 @@ class DeviceDecode:
         if device.type != "cuda":
             return self.decode(items, device)
         main = torch.cuda.current_stream(device)
-        own = self.streams.setdefault(device, torch.cuda.Stream(device))
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device)
+        own = self.streams[device]
         with torch.cuda.stream(own):
             own.synchronize()
             images, sources = self.decode(items, device)
@@ -545,7 +563,7 @@ class DeviceDecode:
     def decode(
         self, items: list[EncodedImage], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The crops, on whatever stream is current."""
+        """The crops, on the current stream (on CUDA: one nothing else uses, see above)."""
         decoded = iter(decode_on_device([e.data for e in items if e.crops is None], device))
         views: list[list[torch.Tensor]] = [[] for _ in self.crop.sizes]
         for e in items:
@@ -563,6 +581,13 @@ class DeviceDecode:
 
     def on_cpu(self, e: EncodedImage) -> list[torch.Tensor]:
         """The crops of a JPEG the device refused, as CropTransform takes them (or its error)."""
+        self.refused += 1
+        if self.refused == 1:
+            log.warning(
+                "%s: the GPU's JPEG decoder refused it; decoded on the CPU (further refusals "
+                "are not logged)",
+                e.path,
+            )
         path = Path(e.path)
         data = read_file(path)
         return self.crop.jpeg_crops(path, data, jpeg_header(data), e.boxes)

@@ -157,31 +157,21 @@ def test_gpu_decode_and_crops_equal_the_cpu_path(tmp_path) -> None:
         torch.manual_seed(i)
         want.append(crop(path))
     assert [e.data is not None for e in items] == [True, False, False, False, True, True]
-    images, sources = A.DeviceDecode(crop)(items, CUDA)
+    decode = A.DeviceDecode(crop)
+    images, sources = decode(items, CUDA)
+    assert decode.refused == 0  # nvJPEG took all three JPEGs sent to it (none fell back)
     assert images.is_cuda and images.dtype == torch.uint8
     for got, w in ((images, [x[0] for x in want]), (sources, [x[1] for x in want])):
         diff = (got.cpu().int() - torch.stack(w).int()).abs()
         assert diff.float().mean() < 0.5 and torch.quantile(diff.float(), 0.99) <= 3, diff.max()
 
 
-def test_gpu_decode_leaves_memory_the_training_stream_still_reads(tmp_path) -> None:
-    """torchvision's nvJPEG writes its outputs from a stream of its own that does not wait for
-    the caller's (pytorch/vision#9606). Blocks the training stream freed while kernels that
-    read them were still queued (here reductions behind a long sleep, in training the
-    backward) must keep their values: DeviceDecode decodes on a stream of its own. (That
-    report found 134 of 200 such rounds corrupted on an H100 with torchvision 0.28; this test
-    has not yet run on a GPU against the old, same-stream code.)"""
-    from PIL import Image
-    from skimage import data as skdata
-
-    Image.fromarray(skdata.chelsea()).resize((500, 375)).save(tmp_path / "a.jpg", quality=90)
-    geo = JigsawGeometry.for_image_size(96)
-    enc = A.EncodedTransform(geo, reduce=False)
-    decode = A.DeviceDecode(A.CropTransform(geo, reduce=False))
-    items = [enc(tmp_path / "a.jpg") for _ in range(16)]
-    decode(items, CUDA)  # the decoder's set-up, outside the rounds
+def overwritten_rounds(decode, items: list, rounds: int = 20) -> int:
+    """Rounds in which memory freed on the training stream while kernels that read it were
+    still queued (reductions behind a long sleep, as the backward in training) lost its
+    values to decode(items)."""
     wrong = 0
-    for _ in range(20):
+    for _ in range(rounds):
         # the size of a decoded image, so that a freed block fits the decoder's next output
         blocks = [torch.full((3, 375, 500), 1, dtype=torch.uint8, device=CUDA) for _ in items]
         torch.cuda.synchronize()
@@ -191,4 +181,54 @@ def test_gpu_decode_leaves_memory_the_training_stream_still_reads(tmp_path) -> N
         decode(items, CUDA)
         torch.cuda.synchronize()
         wrong += sum(int(s) != 3 * 375 * 500 for s in sums)
+    return wrong
+
+
+def test_gpu_decode_leaves_memory_the_training_stream_still_reads(tmp_path) -> None:
+    """torchvision's nvJPEG writes its outputs from a stream of its own that does not wait for
+    the caller's (pytorch/vision#9606). DeviceDecode decodes on a stream of its own, so blocks
+    the training stream freed with reads still queued keep their values. The same rounds with
+    the decode on the training stream (DeviceDecode.decode called directly, as before the fix)
+    must show the hazard, or this GPU cannot tell the two apart and the test skips."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    Image.fromarray(skdata.chelsea()).resize((500, 375)).save(tmp_path / "a.jpg", quality=90)
+    geo = JigsawGeometry.for_image_size(96)
+    enc = A.EncodedTransform(geo, reduce=False)
+    decode = A.DeviceDecode(A.CropTransform(geo, reduce=False))
+    items = [enc(tmp_path / "a.jpg") for _ in range(16)]
+    decode(items, CUDA)  # the decoder's set-up, outside the rounds
+    assert decode.refused == 0
+    ours = overwritten_rounds(decode, items)
+    same_stream = overwritten_rounds(decode.decode, items)
+    assert ours == 0, f"{ours} reads overwritten on our stream, {same_stream} on the training one"
+    if same_stream == 0:
+        pytest.skip("decoding on the training stream overwrote nothing on this GPU either")
+
+
+def test_gpu_decode_keeps_its_crops_until_the_training_stream_is_done(tmp_path) -> None:
+    """The crops are allocated on DeviceDecode's stream and read on the training stream
+    (record_stream): their block must not go to the next decode while the training stream
+    still has reads of it queued. 16 crops of 96 px take 16 * 3 * 96 * 96 bytes, the size of
+    one decoded 384x384 JPEG; decoding 17 of those next needs every free block of that size."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    Image.fromarray(skdata.chelsea()).resize((384, 384)).save(tmp_path / "a.jpg", quality=90)
+    geo = JigsawGeometry.for_image_size(96)
+    enc = A.EncodedTransform(geo, reduce=False)
+    decode = A.DeviceDecode(A.CropTransform(geo, reduce=False))
+    items = [enc(tmp_path / "a.jpg") for _ in range(17)]
+    decode(items, CUDA)
+    wrong = 0
+    for _ in range(10):
+        images, sources = decode(items[:16], CUDA)
+        want = int(images.sum(dtype=torch.int64))
+        torch.cuda._sleep(100_000_000)
+        got = images.sum(dtype=torch.int64)
+        del images, sources  # freed while the training stream's read still waits
+        decode(items, CUDA)
+        torch.cuda.synchronize()
+        wrong += int(got) != want
     assert wrong == 0

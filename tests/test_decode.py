@@ -69,6 +69,34 @@ def test_header_size_equals_pils(kind: str) -> None:
         assert header.progressive == bool(img.info.get("progressive"))
 
 
+def test_header_tells_which_frames_nvjpeg_batches() -> None:
+    """8-bit sequential Huffman frames (SOF0, SOF1) go to the GPU; a progressive frame, an
+    arithmetic-coded one (SOF9) and a 12-bit one stay with the worker. The last two are the
+    baseline file with its frame marker or sample precision byte changed: PIL writes neither."""
+    data = kinds()["baseline"]
+    sof = data.index(b"\xff\xc0")
+    arithmetic = data[: sof + 1] + b"\xc9" + data[sof + 2 :]
+    extended = data[: sof + 1] + b"\xc1" + data[sof + 2 :]
+    twelve_bit = data[: sof + 4] + b"\x0c" + data[sof + 5 :]
+    got = {
+        name: jpeg_header(d).sequential_8bit
+        for name, d in [
+            ("baseline", data),
+            ("extended", extended),
+            ("progressive", kinds()["progressive"]),
+            ("arithmetic", arithmetic),
+            ("12-bit", twelve_bit),
+        ]
+    }
+    assert got == {
+        "baseline": True,
+        "extended": True,
+        "progressive": False,
+        "arithmetic": False,
+        "12-bit": False,
+    }
+
+
 def test_header_refuses_what_is_not_a_jpeg() -> None:
     png = io.BytesIO()
     photo("coffee", (20, 10)).save(png, "PNG")
@@ -251,3 +279,15 @@ def test_trainer_loss_through_device_decode(tmp_path: Path) -> None:
         gens = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
         losses.append(trainer.loss(trainer.model, batch, idx, *gens, amp=False)[0])
     torch.testing.assert_close(losses[0], losses[1], rtol=3e-3, atol=0)
+
+
+def test_gpu_decode_refuses_the_drivers_memory_pools(monkeypatch) -> None:
+    """With cudaMallocAsync one stream's freed memory may go to another, which nvJPEG's
+    private stream would not wait for: --decode gpu stops with one line."""
+    crop = A.CropTransform(JigsawGeometry.for_image_size(96))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    A.DeviceDecode(crop)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
+    with pytest.raises(UserError, match="native CUDA allocator"):
+        A.DeviceDecode(crop)
