@@ -1,8 +1,14 @@
 #!/bin/sh
 # On a machine with a GPU, in one go: the GPU paths against the CPU ones (tests/test_cuda.py),
-# then the GPU benchmarks, whose sections replace their GPU rows in BENCHMARKS.md.
-# PYTHON names the interpreter (make gpu-check passes the project's .venv).
-set -e
+# then the GPU benchmarks, in the order given (default: end_to_end decode pretrain_step), each
+# section written to BENCHMARKS.md as soon as it is measured. The benchmarks run even if a
+# test fails; the exit status is non-zero if either did. PYTHON names the interpreter (make
+# gpu-check passes the project's .venv).
+cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
+[ $# -eq 0 ] && set -- end_to_end decode pretrain_step
 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
-"$PY" -m bench.run --only pretrain_step decode end_to_end --out BENCHMARKS.md
+tests=$?
+"$PY" -m bench.run --only "$@" --out BENCHMARKS.md
+benches=$?
+[ "$tests" -eq 0 ] && [ "$benches" -eq 0 ]

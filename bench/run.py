@@ -6,6 +6,7 @@ import argparse
 import importlib
 import platform
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -39,25 +40,8 @@ def sections_of(text: str) -> dict[str, str]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="BENCHMARKS.md")
-    parser.add_argument("--only", nargs="*", default=None, help="module names to run")
-    args = parser.parse_args()
-    out = Path(args.out)
-    kept = sections_of(out.read_text()) if out.exists() else {}
-    fresh: dict[str, str] = {}
-    for name in MODULES:
-        if args.only and name.split(".")[-1] not in args.only:
-            continue
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        print(f"running {name} ...", flush=True)
-        fresh.update(sections_of(module.run()))
+def write(out: Path, fresh: dict[str, str], kept: dict[str, str]) -> None:
+    """The file: this run's sections first, then the earlier ones it did not replace."""
     kept = {h: body for h, body in kept.items() if h not in fresh}
     lines = [
         "# Benchmarks",
@@ -70,7 +54,41 @@ def main() -> None:
     for body in [*fresh.values(), *kept.values()]:
         lines += [body, ""]
     out.write_text("\n".join(lines))
-    print(f"wrote {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="BENCHMARKS.md")
+    parser.add_argument("--only", nargs="*", default=None, help="module names, run in this order")
+    args = parser.parse_args()
+    out = Path(args.out)
+    kept = sections_of(out.read_text()) if out.exists() else {}
+    fresh: dict[str, str] = {}
+    failed = []
+    chosen = [m for m in MODULES if not args.only or m.split(".")[-1] in args.only]
+    if args.only:  # in the order asked for: the figure that matters most first
+        chosen.sort(key=lambda m: args.only.index(m.split(".")[-1]))
+    for name in chosen:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        print(f"running {name} ...", flush=True)
+        try:
+            section = module.run()
+        except Exception:  # one broken benchmark must not lose the others' figures
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        print(section, flush=True)
+        fresh.update(sections_of(section))
+        write(out, fresh, kept)  # after each module: a later crash or time-out keeps these
+    if fresh:
+        print(f"wrote {out}")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import types
 
+import pytest
+
 from bench import run as bench_run
 
 
@@ -30,3 +32,24 @@ def test_rerun_replaces_its_section_and_keeps_the_others(tmp_path, monkeypatch) 
     assert "old a" not in out.read_text()
     assert sections["## A (bench/a.py) on a GPU"].endswith("gpu a")
     assert sections["## B (bench/b.py)"].endswith("old b")
+
+
+def test_a_failing_benchmark_keeps_the_others_figures(tmp_path, monkeypatch) -> None:
+    """A module that raises is reported and the run exits non-zero, but the sections of the
+    modules that finished are written, those before it and after it."""
+    out = tmp_path / "BENCHMARKS.md"
+    modules = {}
+    for name, run in (
+        ("fakebench.ok1", lambda: "## One (bench/one.py)\n\nfigure 1\n"),
+        ("fakebench.bad", lambda: 1 / 0),
+        ("fakebench.ok2", lambda: "## Two (bench/two.py)\n\nfigure 2\n"),
+    ):
+        modules[name] = types.ModuleType(name)
+        modules[name].run = run
+        monkeypatch.setitem(sys.modules, name, modules[name])
+    monkeypatch.setattr(bench_run, "MODULES", tuple(modules))
+    monkeypatch.setattr(sys, "argv", ["run", "--out", str(out)])
+    with pytest.raises(SystemExit, match="failed: fakebench.bad"):
+        bench_run.main()
+    sections = bench_run.sections_of(out.read_text())
+    assert list(sections) == ["## One (bench/one.py)", "## Two (bench/two.py)"]
