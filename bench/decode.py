@@ -49,19 +49,19 @@ def per_image_ms(
 def run() -> str:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        rows = measure()
-    finally:
-        torch.set_num_threads(threads)
     from bench.run import machine
 
+    try:
+        rows, where = measure(), machine()
+    finally:
+        torch.set_num_threads(threads)
     return "\n".join(
         [
             "## JPEG decoding in the workers (bench/decode.py)",
             "",
             f"{N_IMAGES} JPEGs 500x375 (scikit-image photos, quality 90), 224-px view + 255-px "
             f"patch source, one thread, thread CPU time (best of 9, the paths taking turns). "
-            f"Machine: {machine()}. Target: the CPU path at least 2x fewer ms than today. "
+            f"Machine: {where}. Target: the CPU path at least 2x fewer ms than today. "
             "`python -m bench.run --only decode`",
             "",
             "| worker path | ms per image | vs today |",
