@@ -35,7 +35,17 @@ from pirl.safe_load import read_checkpoint
 T = TypeVar("T")
 # Settings that say where and how a run executes, not what it computes: a resume may change them.
 RUNTIME_KEYS = frozenset(
-    {"out", "device", "num_workers", "resume", "overwrite", "allow_change", "logger", "save_every"}
+    {
+        "out",
+        "device",
+        "decode",
+        "num_workers",
+        "resume",
+        "overwrite",
+        "allow_change",
+        "logger",
+        "save_every",
+    }
 )
 PROGRESS_ENV = "PIRL_TOOLS_PROGRESS_SECONDS"
 # What the engine writes into a run folder (their presence means a run is there).

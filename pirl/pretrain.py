@@ -435,6 +435,14 @@ class KnnMonitor:
         return acc[KNN_K]
 
 
+def decoding(cfg: PretrainConfig) -> str:
+    """Where this invocation decodes its JPEGs, --decode auto resolved (run.json records it:
+    it may differ between a run and its resume)."""
+    if cfg.method == "jigsaw" or cfg.augment == "pil":
+        return "workers: PIL"
+    return "gpu: nvJPEG" if cfg.decode == "gpu" else "workers: libjpeg-turbo"
+
+
 def make_trainer(
     cfg: PretrainConfig, data_size: int, device: torch.device
 ) -> PirlTrainer | JigsawTrainer:
@@ -460,6 +468,7 @@ def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
         resume=cfg.resume,
         overwrite=cfg.overwrite,
         allow_change=cfg.allow_change,
+        record={"decode": decoding(cfg)},
         logger=cfg.logger,
     )
     if cfg.num_negatives > len(images) and rank == 0 and cfg.method != "jigsaw":

@@ -383,12 +383,14 @@ def test_resume_with_changed_settings_names_each_and_allow_change_lets_one_throu
     with pytest.raises(UserError, match=r"\(lr 0\.001875 -> 0\.5, seed 0 -> 5\)"):
         pretrain(dataclasses.replace(changed, allow_change=("epochs", "batch_size")))
     trainer = pretrain(
-        tiny_config(tiny_folder, out, epochs=2, resume=True, allow_change=("epochs",))
+        tiny_config(tiny_folder, out, epochs=2, resume=True, allow_change=("epochs",), decode="cpu")
     )
     assert trainer.epoch == 2
     record = json.loads((out / "run.json").read_text())
     assert record["command"] == "pretrain" and len(record["invocations"]) == 2
     assert record["invocations"][0]["versions"]["torch"] == torch.__version__
+    # where each invocation decoded, --decode auto resolved; --decode may change on a resume
+    assert [r["decode"] for r in record["invocations"]] == ["workers: libjpeg-turbo"] * 2
 
 
 @pytest.mark.parametrize(
