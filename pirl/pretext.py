@@ -42,7 +42,6 @@ class PretextTrainer:
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
-            "rng": {"torch": torch.get_rng_state()},
             "config": dataclasses.asdict(self.cfg),
             "version": CHECKPOINT_VERSION,
         }
