@@ -246,7 +246,7 @@ def test_our_voc_ap_equals_detectrons_evaluator(tmp_path, use_07):
         assert ours[k] == pytest.approx(theirs[k], abs=1e-9), k
 
 
-def test_backend_end_to_end_on_the_cpu_with_resume(tmp_path):
+def test_backend_end_to_end_on_the_cpu_with_resume(tmp_path, capsys):
     devkit = build_embedded_voc(n_trainval=4, n_test=3, size=64, seed=1)
     out = tmp_path / "run"
     kw = dict(data=str(devkit), weights="random:resnet50", name="d2", out=str(out),
@@ -254,6 +254,8 @@ def test_backend_end_to_end_on_the_cpu_with_resume(tmp_path):
               max_size=64, roi_batch_size=8, proposals=(20, 8), num_workers=0, device="cpu",
               checkpoint_every=1000, lr=0.01, backend="detectron2")  # fmt: skip
     results = run_detection(DetectionConfig(iters=2, **kw))
+    progress_lines = [ln for ln in capsys.readouterr().err.splitlines() if "detection" in ln]
+    assert progress_lines and "2/2" in progress_lines[-1] and "loss=" in progress_lines[-1]
     assert results["backend"] == "detectron2" and results["metric"] == "voc07-11point"
     assert all(0 <= results[k] <= 100 for k in ("AP", "AP50", "AP75"))
     assert results["initialised_fresh"] == HEADS  # the whole trunk came from the weights

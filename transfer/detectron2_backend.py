@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pirl.engine import resolve_device
+from pirl.engine import progress, resolve_device
 from pirl.errors import UserError
 from pirl.weights import from_detectron2, to_detectron2
 from transfer.detection import (
@@ -230,7 +230,7 @@ def run_detectron2(cfg: DetectionConfig) -> dict[str, Any]:
     register_voc_set(_d2_dataset_name(cfg.test_set), devkit, cfg.test_set, classes, use_07)
 
     from detectron2.config import get_cfg
-    from detectron2.engine import DefaultTrainer
+    from detectron2.engine import DefaultTrainer, HookBase
     from detectron2.engine.hooks import EvalHook
     from detectron2.evaluation import PascalVOCDetectionEvaluator
     from detectron2.utils.env import seed_all_rng
@@ -258,12 +258,32 @@ def run_detectron2(cfg: DetectionConfig) -> dict[str, Any]:
             row = {"iteration": done, "loss": sum(terms.values())}
             run.append_metrics({**row, "lr": float(latest.get("lr", math.nan)), **terms})
 
+    class Progress(HookBase):
+        """The torchvision backend's progress bar, loss and LR: detectron2's own log goes to
+        log.txt, so without it the terminal says nothing for the whole run."""
+
+        def before_train(self) -> None:
+            done, total = self.trainer.start_iter, self.trainer.max_iter
+            self.bar = progress(total=total, initial=done, desc="detection")
+
+        def after_step(self) -> None:
+            latest = self.trainer.storage.latest()
+            self.bar.update(1)
+            if "total_loss" in latest and "lr" in latest:
+                loss, lr = latest["total_loss"][0], latest["lr"][0]
+                self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2g}")
+
+        def after_train(self) -> None:
+            self.bar.close()
+
     class Trainer(DefaultTrainer):
-        """DefaultTrainer with the VOC evaluator, no TensorBoard writer (not a dependency), and
-        no evaluation hook: the test runs once, after training, whose results we keep."""
+        """DefaultTrainer with the VOC evaluator, no TensorBoard writer (not a dependency), no
+        evaluation hook (the test runs once, after training, whose results we keep) and our
+        progress bar."""
 
         def build_hooks(self) -> list[Any]:
-            return [h for h in super().build_hooks() if not isinstance(h, EvalHook)]
+            hooks = [h for h in super().build_hooks() if not isinstance(h, EvalHook)]
+            return [*hooks, Progress()]
 
         @classmethod
         def build_evaluator(cls, d2cfg: Any, dataset_name: str) -> Any:
