@@ -4,8 +4,11 @@
 # section written to BENCHMARKS.md as soon as it is measured. The benchmarks run even if a
 # test fails; the exit status is non-zero if either did. PYTHON names the interpreter (make
 # gpu-check passes the project's .venv).
+PY=$(command -v "${PYTHON:-python3}") || { echo "gpu_check: no ${PYTHON:-python3}" >&2; exit 2; }
+case $PY in /*) ;; *) PY=$(pwd)/$PY ;; esac
 cd "$(dirname "$0")/.." || exit 2
-PY=${PYTHON:-python3}
+"$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' ||
+    { echo "gpu_check: torch sees no CUDA GPU here; nothing to check" >&2; exit 2; }
 [ $# -eq 0 ] && set -- end_to_end decode pretrain_step
 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 tests=$?

@@ -65,19 +65,16 @@ def main() -> None:
     kept = sections_of(out.read_text()) if out.exists() else {}
     fresh: dict[str, str] = {}
     failed = []
-    chosen = [m for m in MODULES if not args.only or m.split(".")[-1] in args.only]
-    if args.only:  # in the order asked for: the figure that matters most first
-        chosen.sort(key=lambda m: args.only.index(m.split(".")[-1]))
+    known = {m.split(".")[-1]: m for m in MODULES}
+    unknown = [n for n in args.only or () if n not in known]
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)}: choose from {', '.join(known)}")
+    # in the order asked for: the figure that matters most first
+    chosen = [known[n] for n in args.only] if args.only else list(MODULES)
     for name in chosen:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
         print(f"running {name} ...", flush=True)
         try:
-            section = module.run()
+            section = importlib.import_module(name).run()
         except Exception:  # one broken benchmark must not lose the others' figures
             traceback.print_exc()
             failed.append(name)

@@ -491,9 +491,10 @@ class EncodedTransform(CropTransform):
     the header's size exactly as CropTransform draws them), decoded and cropped on the device
     by DeviceDecode. Files nvJPEG would refuse (not a JPEG, CMYK, cut short) are decoded and
     cropped here instead, with CropTransform's checks and errors, and so is every frame but
-    an 8-bit sequential Huffman one: nvJPEG takes progressive JPEGs on its software path, whose
-    entropy decoding runs on the host one image at a time, in the training process rather than
-    in parallel workers, and arithmetic-coded, lossless or 12-bit ones fail its batch."""
+    an 8-bit sequential Huffman one (JpegHeader.sequential_8bit): nvJPEG takes progressive
+    JPEGs on its software path, whose entropy decoding runs on the host one image at a time,
+    in the training process rather than in parallel workers, and arithmetic-coded, lossless
+    or 12-bit ones fail its batch."""
 
     def __call__(self, img: Image.Image | Path) -> EncodedImage:  # type: ignore[override]
         if isinstance(img, Image.Image):
@@ -513,33 +514,40 @@ class EncodedTransform(CropTransform):
         return EncodedImage(str(img), boxes, data=bytes(data))
 
 
+def require_gpu_decode(device: torch.device) -> None:
+    """--decode gpu's preconditions, checked before a run claims its folder: a CUDA training
+    device, and PyTorch's native caching allocator (DeviceDecode says why)."""
+    if device.type != "cuda":
+        raise UserError(f"--decode gpu: the training device is {device}, not a CUDA GPU")
+    if torch.cuda.get_allocator_backend() != "native":
+        raise UserError(
+            "--decode gpu needs PyTorch's native CUDA allocator: with "
+            "PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync nvJPEG could overwrite memory the "
+            "training stream still reads"
+        )
+
+
 class DeviceDecode:
     """Main-process side of decoding on the GPU: a batch of EncodedImage -> the uint8 crops
     (images (B, 3, H, H), sources (B, 3, S, S) or empty) on the device, for BatchAugment.
     JPEGs go through nvJPEG in one call, then the crop and resize of the worker's boxes; one
     the device refuses is decoded on the CPU as CropTransform would (or fails as it would).
 
-    On CUDA all of it runs on a stream of its own. torchvision allocates the decoded images
-    on the caller's current stream but has nvJPEG write them from a private stream that does
-    not wait for the caller's (pytorch/vision#9606): on the training stream it may be handed
-    a block the queued backward still reads, and overwrite it. On our stream the only blocks
-    it can get are those our earlier decodes freed, or crops the training stream has finished
-    with (record_stream). The host wait on our stream before each decode must stay a host
-    wait: nvJPEG's hardware engine is reported not to honour a stream-side wait either (it
-    costs nothing in training, whose every step already waits for its loss). The caching
+    On CUDA all of it runs on a side stream (from torch's pool, never the training stream).
+    torchvision allocates the decoded images on the caller's current stream but has nvJPEG
+    write them from a private stream that does not wait for the caller's
+    (pytorch/vision#9606): on the training stream it may be handed a block the queued
+    backward still reads, and overwrite it. On the side stream the only blocks it can get are
+    those our earlier decodes freed, or crops the training stream has finished with
+    (record_stream). The host wait on the side stream before each decode must stay a host
+    wait: nvJPEG's hardware engine is reported not to honour a stream-side wait either (in
+    training it costs nothing: every step already waits for its loss). The caching
     allocator's per-stream pools are what keep the training stream's blocks out of reach, so
-    the driver's pools (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync), which may hand one
-    stream's freed memory to another, are refused."""
+    --decode gpu requires the native allocator (require_gpu_decode)."""
 
     def __init__(self, crop: CropTransform) -> None:
-        if torch.cuda.is_available() and torch.cuda.get_allocator_backend() != "native":
-            raise UserError(
-                "--decode gpu needs PyTorch's native CUDA allocator: with "
-                "PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync nvJPEG could overwrite memory "
-                "the training stream still reads"
-            )
         self.crop = crop
-        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.stream: torch.cuda.Stream | None = None  # made on the first CUDA batch
         self.refused = 0  # JPEGs the device decoder refused, decoded on the CPU instead
 
     def __call__(
@@ -548,13 +556,12 @@ class DeviceDecode:
         if device.type != "cuda":
             return self.decode(items, device)
         main = torch.cuda.current_stream(device)
-        if device not in self.streams:
-            self.streams[device] = torch.cuda.Stream(device)
-        own = self.streams[device]
-        with torch.cuda.stream(own):
-            own.synchronize()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(self.stream):
+            self.stream.synchronize()
             images, sources = self.decode(items, device)
-        main.wait_stream(own)
+        main.wait_stream(self.stream)
         for t in (images, sources):
             if t.numel():  # an empty tensor (no patches) holds no block
                 t.record_stream(main)
@@ -563,7 +570,7 @@ class DeviceDecode:
     def decode(
         self, items: list[EncodedImage], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The crops, on the current stream (on CUDA: one nothing else uses, see above)."""
+        """The crops, on the current stream (on CUDA: the side stream, see above)."""
         decoded = iter(decode_on_device([e.data for e in items if e.crops is None], device))
         views: list[list[torch.Tensor]] = [[] for _ in self.crop.sizes]
         for e in items:

@@ -26,7 +26,6 @@ from pirl.data import to_rgb, unreadable
 SOF_MARKERS = frozenset(
     {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 )
-PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 SEQUENTIAL_HUFFMAN = frozenset({0xC0, 0xC1})  # baseline and extended sequential, Huffman-coded
 STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RSTn carry no length field
 REDUCTIONS = (8, 4, 2)  # the DCT scalings PIL's draft offers
@@ -35,14 +34,13 @@ Box = tuple[int, int, int, int]  # (top, left, height, width), as RandomResizedC
 
 @dataclass(frozen=True)
 class JpegHeader:
-    """What the frame header says: size, colour components (1 grey, 3 YCbCr, 4 CMYK/YCCK),
-    progressive or not, and whether it is an 8-bit sequential Huffman frame, the kind nvJPEG
-    decodes in a batch (arithmetic-coded, lossless and 12-bit frames are not)."""
+    """What the frame header says: size, colour components (1 grey, 3 YCbCr, 4 CMYK/YCCK), and
+    whether it is an 8-bit sequential Huffman frame, the kind nvJPEG decodes in a batch
+    (progressive, arithmetic-coded, lossless and 12-bit frames are not)."""
 
     width: int
     height: int
     components: int
-    progressive: bool
     sequential_8bit: bool
 
 
@@ -87,7 +85,7 @@ def jpeg_header(data: bytes | bytearray) -> JpegHeader | None:
             if height == 0 or width == 0 or frame[5] not in (1, 3, 4):  # 0: set later (DNL)
                 return None
             sequential_8bit = marker in SEQUENTIAL_HUFFMAN and frame[0] == 8
-            return JpegHeader(width, height, frame[5], marker in PROGRESSIVE, sequential_8bit)
+            return JpegHeader(width, height, frame[5], sequential_8bit)
         pos += 2 + length
     return None
 
@@ -153,8 +151,8 @@ def scale_of(image: Image.Image, header: JpegHeader) -> int:
 
 def decode_on_device(data: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
     """(3, H, W) uint8 on the device for each JPEG, by nvJPEG in one batched call; where the
-    batch fails, each image alone, and None for those the device decoder refuses. Call it on a
-    stream that nothing else uses (DeviceDecode does): nvJPEG writes its outputs without
+    batch fails, each image alone, and None for those the device decoder refuses. Never call it
+    on the training stream (DeviceDecode uses a side stream): nvJPEG writes its outputs without
     waiting for the current stream's queued work."""
     if not data:
         return []

@@ -33,6 +33,7 @@ from pirl.augment import (
     DeviceDecode,
     EncodedTransform,
     PhotometricSpec,
+    require_gpu_decode,
 )
 from pirl.data import (
     ImageDataset,
@@ -278,9 +279,8 @@ class PirlTrainer(PretextTrainer):
             geometry = JigsawGeometry.for_image_size(cfg.image_size)
             spec = PhotometricSpec(hue=cfg.hue, photometric=cfg.photometric)
             trainer.augment = BatchAugment(geometry, spec)
-            if cfg.decode == "gpu" and device.type != "cuda":
-                raise UserError(f"--decode gpu: the training device is {device}, not a CUDA GPU")
             if cfg.decode == "gpu":
+                require_gpu_decode(device)
                 crops = CropTransform(geometry, cfg.lam > 0, cfg.crop_scale)
                 trainer.device_decode = DeviceDecode(crops)
         return trainer
@@ -459,6 +459,8 @@ def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
     rank, world_size, device = setup_distributed(cfg.device)
     cfg = cfg.resolved()
     rank_batch(cfg.batch_size)  # a batch the processes cannot share: refused before any work
+    if cfg.decode == "gpu":
+        require_gpu_decode(device)  # before the folder is claimed (or an old run overwritten)
     images = list_images(cfg.data)
     run = RunDir(cfg.out)
     run.start(

@@ -66,7 +66,7 @@ def test_header_size_equals_pils(kind: str) -> None:
     with Image.open(io.BytesIO(data)) as img:
         assert header is not None and (header.width, header.height) == img.size
         assert header.components == len(img.getbands())
-        assert header.progressive == bool(img.info.get("progressive"))
+        assert header.sequential_8bit != bool(img.info.get("progressive"))
 
 
 def test_header_tells_which_frames_nvjpeg_batches() -> None:
@@ -283,11 +283,49 @@ def test_trainer_loss_through_device_decode(tmp_path: Path) -> None:
 
 def test_gpu_decode_refuses_the_drivers_memory_pools(monkeypatch) -> None:
     """With cudaMallocAsync one stream's freed memory may go to another, which nvJPEG's
-    private stream would not wait for: --decode gpu stops with one line."""
-    crop = A.CropTransform(JigsawGeometry.for_image_size(96))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    private stream would not wait for: --decode gpu stops with one line, as on a CPU."""
+    cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
-    A.DeviceDecode(crop)
+    A.require_gpu_decode(cuda)
+    with pytest.raises(UserError, match="not a CUDA GPU"):
+        A.require_gpu_decode(torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
     with pytest.raises(UserError, match="native CUDA allocator"):
-        A.DeviceDecode(crop)
+        A.require_gpu_decode(cuda)
+
+
+def test_gpu_decode_is_refused_before_the_run_folder_is_touched(tmp_path: Path) -> None:
+    """An --overwrite run whose --decode gpu is refused leaves the old run as it was."""
+    from pirl.pretrain import PretrainConfig, pretrain
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    cfg = PretrainConfig(out=str(out), decode="gpu", device="cpu", overwrite=True)
+    with pytest.raises(UserError, match="not a CUDA GPU"):
+        pretrain(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert (out / "config.json").read_text() == "{}"
+
+
+def test_a_refused_jpeg_is_decoded_on_the_cpu_and_logged_once(tmp_path, monkeypatch, caplog):
+    """Where the device decoder refuses a JPEG, the worker path's crops stand in; the first
+    refusal is logged, the rest counted."""
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(kinds()["baseline"])
+    geo = JigsawGeometry.for_image_size(96)
+    enc, crop = A.EncodedTransform(geo, reduce=False), A.CropTransform(geo, reduce=False)
+    items, want = [], []
+    for i, path in enumerate(sorted(tmp_path.iterdir())):
+        torch.manual_seed(i)
+        items.append(enc(path))
+        torch.manual_seed(i)
+        want.append(crop(path))
+    monkeypatch.setattr(A, "decode_on_device", lambda data, device: [None] * len(data))
+    decode = A.DeviceDecode(crop)
+    with caplog.at_level("WARNING", logger="pirl.augment"):
+        images, sources = decode(items, torch.device("cpu"))
+    assert decode.refused == 3
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [str(tmp_path / "0.jpg")]
+    assert torch.equal(images, torch.stack([w[0] for w in want]))
+    assert torch.equal(sources, torch.stack([w[1] for w in want]))

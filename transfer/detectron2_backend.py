@@ -262,6 +262,8 @@ def run_detectron2(cfg: DetectionConfig) -> dict[str, Any]:
         """The torchvision backend's progress bar, loss and LR: detectron2's own log goes to
         log.txt, so without it the terminal says nothing for the whole run."""
 
+        bar = None  # after_train runs even when an earlier hook's before_train raised
+
         def before_train(self) -> None:
             done, total = self.trainer.start_iter, self.trainer.max_iter
             self.bar = progress(total=total, initial=done, desc="detection")
@@ -274,7 +276,8 @@ def run_detectron2(cfg: DetectionConfig) -> dict[str, Any]:
                 self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2g}")
 
         def after_train(self) -> None:
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
 
     class Trainer(DefaultTrainer):
         """DefaultTrainer with the VOC evaluator, no TensorBoard writer (not a dependency), no
