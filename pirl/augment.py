@@ -406,13 +406,19 @@ def resize_u8(image: torch.Tensor, box: tuple[int, int, int, int], size: int) ->
     return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
 
 
-def resize_on_device(image: torch.Tensor, box: Box, size: int) -> torch.Tensor:
-    """resize_u8 for a CUDA image: the same antialiased bilinear kernel in float, rounded back
-    to uint8 (within one grey level of the CPU's fixed-point result, tests/test_cuda.py)."""
+def resize_float(image: torch.Tensor, box: Box, size: int) -> torch.Tensor:
+    """resize_u8 for a float (1, 3, H, W) image on a GPU (whose kernel takes no uint8): the
+    same antialiased bilinear filter, left in float; DeviceDecode rounds the whole batch back
+    to uint8 at once (within one grey level of the CPU's fixed-point result,
+    tests/test_cuda.py)."""
     top, left, height, width = box
-    crop = image[None, :, top : top + height, left : left + width].float()
-    out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
-    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+    crop = image[..., top : top + height, left : left + width]
+    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
+
+
+def to_u8(values: torch.Tensor) -> torch.Tensor:
+    """Float pixel values rounded back to uint8 (in place, then one cast)."""
+    return values.round_().clamp_(0, 255).to(torch.uint8)
 
 
 class CropTransform:
@@ -570,21 +576,26 @@ class DeviceDecode:
     def decode(
         self, items: list[EncodedImage], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The crops, on the current stream (on CUDA: the side stream, see above)."""
+        """The crops, on the current stream (on CUDA: the side stream, see above). Per image
+        one conversion to float and one resize per crop; the rounding back to uint8 is one
+        op per view for the whole batch, so the host launches about 3 kernels an image."""
         decoded = iter(decode_on_device([e.data for e in items if e.crops is None], device))
         views: list[list[torch.Tensor]] = [[] for _ in self.crop.sizes]
         for e in items:
             full = None if e.crops is not None else next(decoded)
             if full is not None:
+                image = full[None].float()
                 sizes = zip(e.boxes, self.crop.sizes, strict=True)
-                crops = [resize_on_device(full, b, s) for b, s in sizes]
+                crops = [resize_float(image, b, s) for b, s in sizes]
             else:
-                crops = [c.to(device, non_blocking=True) for c in e.crops or self.on_cpu(e)]
+                cpu = e.crops or self.on_cpu(e)
+                crops = [c.to(device, non_blocking=True).float() for c in cpu]
             for view, c in zip(views, crops, strict=True):
                 view.append(c)
-        images = torch.stack(views[0])
-        sources = torch.stack(views[1]) if self.crop.with_patches else torch.empty(0, device=device)
-        return images, sources
+        images = to_u8(torch.stack(views[0]))
+        if not self.crop.with_patches:
+            return images, torch.empty(0, device=device)
+        return images, to_u8(torch.stack(views[1]))
 
     def on_cpu(self, e: EncodedImage) -> list[torch.Tensor]:
         """The crops of a JPEG the device refused, as CropTransform takes them (or its error)."""
