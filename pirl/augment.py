@@ -517,7 +517,7 @@ class EncodedTransform(CropTransform):
         boxes = self.boxes(header.width, header.height)
         if header.components == 4 or not header.sequential_8bit or not complete(data):
             return EncodedImage(str(img), boxes, crops=self.jpeg_crops(img, data, header, boxes))
-        return EncodedImage(str(img), boxes, data=bytes(data))
+        return EncodedImage(str(img), boxes, data=data)
 
 
 def require_gpu_decode(device: torch.device) -> None:

@@ -51,7 +51,7 @@ class EncodedImage:
 
     path: str
     boxes: list[Box]
-    data: bytes | None = None
+    data: bytearray | None = None  # writable: the decoder's tensor shares it, no copy
     crops: list[torch.Tensor] | None = None
 
 
@@ -149,7 +149,9 @@ def scale_of(image: Image.Image, header: JpegHeader) -> int:
     raise ValueError(f"reduced size {image.size} of a {header.width}x{header.height} JPEG")
 
 
-def decode_on_device(data: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+def decode_on_device(
+    data: list[bytes | bytearray], device: torch.device
+) -> list[torch.Tensor | None]:
     """(3, H, W) uint8 on the device for each JPEG, by nvJPEG in one batched call; where the
     batch fails, each image alone, and None for those the device decoder refuses. Never call it
     on the training stream (DeviceDecode uses a side stream): nvJPEG writes its outputs without
