@@ -5,7 +5,7 @@ start, decoding, crops, batched augmentation, trunk, heads, loss, bank update, S
 folder of 500x375 JPEGs (scikit-image photos, quality 90, one file per image; at 20,480
 images an epoch the loader's start is a few percent of it). On a GPU: ResNet-50 at 224 px,
 batch 256, 32,000 negatives, `--compile`, at most 6 loader workers, nvJPEG (`--decode gpu`)
-first, then the workers decoding (`--decode cpu`); the issue's target is 2,500 images/s or
+first, then the workers decoding (`--decode cpu`); the target is 2,500 images/s or
 more on one GPU. On the CPU the same harness with a tiny trunk (resnet18 x0.25, 224 px views
 from the same JPEGs) so that it ends in a minute: two cores shared by the workers and the
 step, so it says the harness works, not how a GPU is fed.
