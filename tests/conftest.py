@@ -9,7 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from pirl.augment import CropTransform, EncodedTransform
 from pirl.data import embedded_images
+from pirl.decode import EncodedImage
+from pirl.jigsaw import JigsawGeometry
 
 # Tiny tensors gain nothing from threads, and OpenMP's spinning threads slow a shared or
 # busy 2-core machine by an order of magnitude; one thread also makes runs repeatable.
@@ -43,3 +46,20 @@ def tiny_folder(tmp_path: Path, digit_images: tuple[list[np.ndarray], np.ndarray
     images, labels = digit_images
     keep = [i for i in range(len(labels)) if labels[i] < 4][:48]
     return write_image_folder(tmp_path / "data", [images[i] for i in keep], labels[keep])
+
+
+def encoded_and_cropped(
+    folder: Path,
+) -> tuple[list[EncodedImage], list[tuple[torch.Tensor, torch.Tensor]], CropTransform]:
+    """Each file of folder (sorted) through the GPU path's worker and through the CPU path,
+    with the same random boxes (seed i for file i), at 96 px without reduced decoding:
+    (EncodedImage items, the CPU path's crops, the CropTransform)."""
+    geo = JigsawGeometry.for_image_size(96)
+    enc, crop = EncodedTransform(geo, reduce=False), CropTransform(geo, reduce=False)
+    items, want = [], []
+    for i, path in enumerate(sorted(folder.iterdir())):
+        torch.manual_seed(i)
+        items.append(enc(path))
+        torch.manual_seed(i)
+        want.append(crop(path))
+    return items, want, crop

@@ -17,6 +17,7 @@ from pirl.jigsaw import JigsawGeometry
 from pirl.memory import MemoryBank
 from pirl.nce import PirlLoss
 from pirl.pretrain import PretrainConfig, prefetched, pretrain
+from tests.conftest import encoded_and_cropped
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -155,14 +156,7 @@ def test_gpu_decode_and_crops_equal_the_cpu_path(tmp_path) -> None:
     img.resize((200, 150)).save(tmp_path / "d.png")
     img.save(tmp_path / "e.jpg", quality=90, subsampling=0)
     img.convert("L").save(tmp_path / "f.jpg", quality=90)
-    geo = JigsawGeometry.for_image_size(96)
-    enc, crop = A.EncodedTransform(geo, reduce=False), A.CropTransform(geo, reduce=False)
-    items, want = [], []
-    for i, path in enumerate(sorted(tmp_path.iterdir())):
-        torch.manual_seed(i)
-        items.append(enc(path))
-        torch.manual_seed(i)
-        want.append(crop(path))
+    items, want, crop = encoded_and_cropped(tmp_path)
     assert [e.data is not None for e in items] == [True, False, False, False, True, True]
     decode = A.DeviceDecode(crop)
     images, sources = decode(items, CUDA)

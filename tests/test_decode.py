@@ -20,6 +20,7 @@ from pirl.data import ImageDataset, ImageList, load_image
 from pirl.decode import EncodedImage, decode_full, jpeg_header, reduction
 from pirl.errors import UserError
 from pirl.jigsaw import JigsawGeometry
+from tests.conftest import encoded_and_cropped
 
 
 def photo(name: str = "astronaut", size: tuple[int, int] | None = None) -> Image.Image:
@@ -210,17 +211,11 @@ def test_encoded_transform_sends_jpegs_and_decodes_the_rest(tmp_path: Path) -> N
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
     photo("coffee", (120, 90)).save(tmp_path / "p.png")
-    geo = JigsawGeometry.for_image_size(96)
-    enc, crop = A.EncodedTransform(geo, reduce=False), A.CropTransform(geo, reduce=False)
-    items, want = [], []
+    items, want, crop = encoded_and_cropped(tmp_path)
     for i, path in enumerate(sorted(tmp_path.iterdir())):
         torch.manual_seed(i)
-        items.append(enc(path))
-        torch.manual_seed(i)
-        want.append(crop(path))
-        torch.manual_seed(i)
         size = load_image(path).size
-        assert items[-1].boxes == crop.boxes(*size)
+        assert items[i].boxes == crop.boxes(*size)
     assert [e.data is not None for e in items] == [True, False, True, False, False]
     images, sources = A.DeviceDecode(crop)(items, torch.device("cpu"))
     torch.testing.assert_close(images, torch.stack([w[0] for w in want]), atol=1, rtol=0)
@@ -313,14 +308,7 @@ def test_a_refused_jpeg_is_decoded_on_the_cpu_and_logged_once(tmp_path, monkeypa
     refusal is logged, the rest counted."""
     for i in range(3):
         (tmp_path / f"{i}.jpg").write_bytes(kinds()["baseline"])
-    geo = JigsawGeometry.for_image_size(96)
-    enc, crop = A.EncodedTransform(geo, reduce=False), A.CropTransform(geo, reduce=False)
-    items, want = [], []
-    for i, path in enumerate(sorted(tmp_path.iterdir())):
-        torch.manual_seed(i)
-        items.append(enc(path))
-        torch.manual_seed(i)
-        want.append(crop(path))
+    items, want, crop = encoded_and_cropped(tmp_path)
     monkeypatch.setattr(A, "decode_on_device", lambda data, device: [None] * len(data))
     decode = A.DeviceDecode(crop)
     with caplog.at_level("WARNING", logger="pirl.augment"):
