@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.invariance import HEADS, STAGES, LayerInvariance, Runtime, encoder_invariance
+from analysis.invariance import STAGES, Runtime, encoder_invariance
 from analysis.knn import encoder_knn
 from analysis.plots import plot_histograms, plot_layer_curves
 from pirl.data import ImageList, embedded_root, list_images
 from pirl.engine import RunDir, resolve_device
+from pirl.invariance import HEADS, LayerInvariance
 from pirl.knn import KS
 from pirl.tables import markdown_table
 from pirl.weights import load_encoder

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.invariance import BINS, LayerInvariance
+from pirl.invariance import BINS, LayerInvariance
 from pirl.plots import save_figure
 
 

@@ -272,7 +272,7 @@ def step_rows(
         model.zero_grad(set_to_none=True)
 
     def full() -> None:
-        loss, f = trainer.loss(run_model, views, idx, neg_gen, gen, cuda)
+        loss, f, _ = trainer.loss(run_model, views, idx, neg_gen, gen, cuda)
         loss.item()  # the training loop's one host sync (its finite check)
         trainer.update(loss, 0.01, idx, f)
 

@@ -167,10 +167,11 @@ class JigsawTrainer(PretextTrainer):
         neg_gen: torch.Generator,
         aug_gen: torch.Generator,
         amp: bool,
-    ) -> tuple[torch.Tensor, None]:
-        """Cross-entropy of the permutation logits against the class the worker drew."""
+    ) -> tuple[torch.Tensor, None, dict[str, torch.Tensor]]:
+        """Cross-entropy of the permutation logits against the class the worker drew (one term:
+        no per-term split)."""
         device = idx.device
         patches, perm = views[1].to(device, non_blocking=True), views[2].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(patches)
-        return self.criterion(logits.float(), perm), None
+        return self.criterion(logits.float(), perm), None, {}

@@ -116,6 +116,25 @@ class PirlLoss(nn.Module):
         pos = (self.memory.bank[idx].to(z.dtype) * z).sum(1)
         return self.criterion(pos, self.memory.scores(z, neg_idx))
 
+    def terms(
+        self,
+        f: torch.Tensor,
+        g: torch.Tensor | None,
+        idx: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Each term's loss by name, so a run can show which term learns: "patch" (g, first, as
+        VISSL: it fixes the shared Z) unless lam = 0, then "image" (f)."""
+        out = {} if self.lam == 0 else {"patch": self.term(g, idx, generator)}
+        out["image"] = self.term(f, idx, generator)
+        return out
+
+    def mix(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """lam * patch + (1 - lam) * image; the image term alone under NPID++."""
+        if "patch" not in terms:
+            return terms["image"]
+        return self.lam * terms["patch"] + (1 - self.lam) * terms["image"]
+
     def forward(
         self,
         f: torch.Tensor,
@@ -124,7 +143,4 @@ class PirlLoss(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """f, g: unit embeddings of the image and its patches; idx: data-set indices."""
-        if self.lam == 0:
-            return self.term(f, idx, generator)
-        patch_term = self.term(g, idx, generator)  # first, as VISSL: it fixes the shared Z
-        return self.lam * patch_term + (1 - self.lam) * self.term(f, idx, generator)
+        return self.mix(self.terms(f, g, idx, generator))

@@ -32,6 +32,10 @@ class PretextTrainer:
     def load_memory(self, state: dict[str, Any] | None) -> None:
         """Restore what memory_state wrote."""
 
+    def invariance_heads(self) -> nn.Module | None:
+        """Heads with f and g whose invariance the monitor reports (None: the pretext has none)."""
+        return None
+
     def state(self) -> dict[str, Any]:
         """The native checkpoint (README: the checkpoint), one layout for every pretext."""
         return {

@@ -57,6 +57,7 @@ from pirl.engine import (
 )
 from pirl.errors import UserError
 from pirl.heads import PirlHeads
+from pirl.invariance import heads_invariance
 from pirl.jigsaw import JigsawGeometry, PirlTransform
 from pirl.jigsaw_pretext import JigsawTrainer
 from pirl.knn import trunk_knn
@@ -110,7 +111,12 @@ EMBEDDED = {
     "hue": 0.0,
     "photometric": 0.0,
 }
+# metrics.csv's loss columns: the total, and PIRL's two terms on their own (empty where a method
+# has no such term: NPID++ has no patch term, the Jigsaw baseline neither).
+TERMS = ("loss", "patch_loss", "image_loss")
 KNN_K = 20  # the kNN monitor's neighbours (votes exp(s / 0.07), as NPID's)
+# metrics.csv's monitor columns (KnnMonitor), empty in the epochs it does not score.
+MONITORED = ("knn_top1", "fg_retrieval", "fg_ratio")
 TRUNK_EXPORTS = ("trunk.pth", "trunk.safetensors")  # written at the end of pretraining
 
 
@@ -285,6 +291,11 @@ class PirlTrainer(PretextTrainer):
                 trainer.device_decode = DeviceDecode(crops)
         return trainer
 
+    def invariance_heads(self) -> PirlHeads | None:
+        """The heads whose f-g invariance the monitor reports: only a run with a patch term
+        trains g (NPID++'s g stays as initialised)."""
+        return self.model.heads if self.cfg.lam > 0 else None
+
     def memory_state(self) -> dict[str, Any]:
         return {"bank": self.memory.bank, "momentum": self.memory.momentum}
 
@@ -323,17 +334,17 @@ class PirlTrainer(PretextTrainer):
         neg_gen: torch.Generator,
         aug_gen: torch.Generator,
         amp: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's loss on the batch (model: self.model or its DDP wrapper), and the image
-        embeddings the bank takes after the update."""
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The step's loss on the batch (model: self.model or its DDP wrapper), the image
+        embeddings the bank takes after the update, and each term's loss (detached)."""
         if self.device_decode is not None:
             views = self.device_decode(views, idx.device)
         images, patches = device_views(views, self.augment, idx.device, aug_gen, self.cfg.lam > 0)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
             f, g = model(images, patches)
         f = f.float()
-        loss = self.criterion(f, None if g is None else g.float(), idx, neg_gen)
-        return loss, f.detach()
+        terms = self.criterion.terms(f, None if g is None else g.float(), idx, neg_gen)
+        return self.criterion.mix(terms), f.detach(), {k: v.detach() for k, v in terms.items()}
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
@@ -408,8 +419,11 @@ def device_views(
 
 
 class KnnMonitor:
-    """kNN top-1 (%) of a copy of the trunk (the copy is frozen, the trunk trains on) on the
-    labelled split cfg.val_data/val, with cfg.val_data/train as the neighbours."""
+    """What a run has learned so far, on the labelled split cfg.val_data/val (a frozen copy of the
+    trunk: the trunk trains on): kNN top-1 (%) with cfg.val_data/train as the neighbours and, for a
+    run with a patch term, its heads' invariance to the jigsaw transform (pirl/invariance.py): how
+    often g of an image's jigsaw view retrieves f of the same image (%, chance 100 / images), and
+    the f-g distance to the own image over that to the others (1: no invariance)."""
 
     def __init__(self, cfg: PretrainConfig, device: torch.device) -> None:
         root = Path(cfg.val_data)
@@ -419,20 +433,29 @@ class KnnMonitor:
                 raise UserError(f"{split.root}: the kNN monitor needs class sub-folders")
         self.cfg, self.device = cfg, device
 
-    def __call__(self, trunk: Trunk) -> float:
-        acc = trunk_knn(
-            copy.deepcopy(trunk),
-            *self.splits,
-            "res5avg",
-            self.cfg.image_size,
-            (KNN_K,),
-            self.device,
-            batch_size=256,
-            num_workers=self.cfg.num_workers,
-            progress=False,
-            alone=True,  # rank 0 only: the other ranks wait at the next step's all-reduce
-        )
-        return acc[KNN_K]
+    def __call__(self, trunk: Trunk, heads: PirlHeads | None = None) -> dict[str, float]:
+        """{"knn_top1": ...} and, given heads, {"fg_retrieval": ..., "fg_ratio": ...}."""
+        common = {
+            "device": self.device,
+            "batch_size": 256,
+            "num_workers": self.cfg.num_workers,
+            "progress": False,
+            "alone": True,  # rank 0 only: the other ranks wait at the next step's all-reduce
+        }
+        trunk = copy.deepcopy(trunk)
+        acc = trunk_knn(trunk, *self.splits, "res5avg", self.cfg.image_size, (KNN_K,), **common)
+        out = {"knn_top1": acc[KNN_K]}
+        if heads is not None:
+            inv = heads_invariance(
+                trunk, copy.deepcopy(heads), self.splits[1], self.cfg.image_size, **common
+            )
+            out.update(fg_retrieval=100.0 * inv.self_match, fg_ratio=inv.ratio)
+        return out
+
+    @property
+    def retrieval_chance(self) -> float:
+        """fg_retrieval (%) of heads that cannot tell the images apart."""
+        return 100.0 / len(self.splits[1])
 
 
 def decoding(cfg: PretrainConfig) -> str:
@@ -504,7 +527,8 @@ def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
         aug_gen = torch.Generator().manual_seed(epoch_seed(cfg.seed + 2, epoch, rank))
         loader = epoch_loader(dataset, *loader_args, epoch, cfg.num_workers, collate_skipping)
         model.train()
-        seen, skipped, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
+        seen, skipped, t0 = 0, 0, time.perf_counter()
+        sums: dict[str, float] = {}  # the loss and each term's, summed over the images
         bar = progress(
             prefetched(loader, device), total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}"
         )
@@ -516,13 +540,16 @@ def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
             idx = idx.to(device)
             done = epoch / cfg.epochs if cfg.lr_interval == "epoch" else trainer.step / total
             lr = cosine_lr(done, cfg.lr, cfg.final_lr_ratio)
-            loss, embedding = trainer.loss(model, views, idx, neg_gen, aug_gen, amp)
-            value = loss.item()  # the step's one host sync: finite check and logging
+            loss, embedding, terms = trainer.loss(model, views, idx, neg_gen, aug_gen, amp)
+            # The step's one host sync: the loss and its terms, for the finite check and logs.
+            values = torch.stack([loss.detach(), *terms.values()]).tolist()
+            value = values[0]
             run.check_finite(value, f"epoch {epoch + 1}, step {trainer.step}", device)
             trainer.update(loss, lr, idx, embedding)
             trainer.step += 1
             seen += len(idx)
-            loss_sum += value * len(idx)
+            for key, v in zip(("loss", *(f"{t}_loss" for t in terms)), values, strict=True):
+                sums[key] = sums.get(key, 0.0) + v * len(idx)
             rate = seen * world_size / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{value:.3f}", img_s=f"{rate:.0f}")
         if world_size > 1:  # every rank stops if any saw no readable image
@@ -543,41 +570,57 @@ def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
             run.save_checkpoint(state)
             if cfg.save_every and trainer.epoch % cfg.save_every == 0:
                 run.save_checkpoint(state, snapshot_name(trainer.epoch))
-            knn = None
+            seen_so_far = dict.fromkeys(MONITORED)
             if monitor is not None and (
                 trainer.epoch % cfg.eval_every == 0 or trainer.epoch == cfg.epochs
             ):
-                knn = monitor(trainer.model.trunk)
+                seen_so_far.update(monitor(trainer.model.trunk, trainer.invariance_heads()))
             row = {
                 "epoch": trainer.epoch,
                 "step": trainer.step,
-                "loss": loss_sum / max(seen, 1),
+                **{k: sums[k] / seen if k in sums else None for k in TERMS},
                 "lr": lr,
                 "images_per_s": seen * world_size / seconds,
                 "seconds": round(seconds, 2),
                 "skipped_images": skipped,
-                "knn_top1": knn,
+                **seen_so_far,
             }
             run.append_metrics(row)
             log.info(
-                "epoch %d/%d loss %.4f %.0f img/s%s%s",
+                "epoch %d/%d %s %.0f img/s%s%s",
                 trainer.epoch,
                 cfg.epochs,
-                row["loss"],
+                describe_losses(row),
                 row["images_per_s"],
-                "" if knn is None else f" kNN top-1 {knn:.1f}%",
+                describe_monitor(row),
                 f" ({skipped} unreadable images skipped)" if skipped else "",
             )
     if rank == 0 and (trained or not run.path(TRUNK_EXPORTS[0]).exists()):
         export_trunk(run, trainer.model.trunk)
     if rank == 0 and (trained or not run.path("results.json").exists()):
-        summarize(cfg, run, monitor, trainer.model.trunk, trainer.chance_loss(len(images)))
+        summarize(cfg, run, monitor, trainer, trainer.chance_loss(len(images)))
     return trainer
 
 
 def snapshot_name(epoch: int) -> str:
     """The file of the --save-every snapshot after `epoch` epochs (checkpoint.pth's layout)."""
     return f"checkpoint_epoch{epoch}.pth"
+
+
+def describe_losses(row: dict[str, Any]) -> str:
+    """The loss and, where a method has them, PIRL's two terms, for the log line."""
+    terms = [f"{t.split('_')[0]} {row[t]:.3f}" for t in TERMS[1:] if row.get(t) is not None]
+    return f"loss {row['loss']:.4f}" + (f" ({', '.join(terms)})" if terms else "")
+
+
+def describe_monitor(row: dict[str, Any]) -> str:
+    """What the monitor measured this epoch, for the log line ("" when it did not run)."""
+    parts = []
+    if row.get("knn_top1") is not None:
+        parts.append(f"kNN top-1 {row['knn_top1']:.1f}%")
+    if row.get("fg_retrieval") is not None:
+        parts.append(f"g retrieves f {row['fg_retrieval']:.1f}%, f-g ratio {row['fg_ratio']:.3f}")
+    return "".join(f", {p}" for p in parts)
 
 
 def export_trunk(run: RunDir, trunk: Trunk) -> tuple[Path, Path]:
@@ -591,34 +634,60 @@ def export_trunk(run: RunDir, trunk: Trunk) -> tuple[Path, Path]:
 
 
 def summarize(
-    cfg: PretrainConfig, run: RunDir, monitor: KnnMonitor | None, trunk: Trunk, chance: float
+    cfg: PretrainConfig,
+    run: RunDir,
+    monitor: KnnMonitor | None,
+    trainer: PirlTrainer | JigsawTrainer,
+    chance: float,
 ) -> dict[str, Any]:
-    """results.json and learning_curve.png: the final loss against chance and, when monitored,
-    the trunk's kNN top-1 against the same architecture untrained (the run's own seed)."""
+    """results.json and learning_curve.png: the final loss and each of PIRL's terms against
+    chance (every term's chance is the same: each contrasts one positive with the same number of
+    negatives) and, when monitored, the trunk's kNN top-1 and the heads' invariance against the
+    same architecture untrained (the run's own seed): a run shows what it learned."""
     rows = list(csv.DictReader(run.path("metrics.csv").open(newline="")))
-    results: dict[str, Any] = {
-        "epochs": cfg.epochs,
-        "final_loss": float(rows[-1]["loss"]),
-        "chance_loss": chance,
-    }
+    results: dict[str, Any] = {"epochs": cfg.epochs, "chance_loss": chance}
+    for key in TERMS:
+        if rows[-1].get(key):
+            results[f"final_{key}"] = float(rows[-1][key])
     if monitor is not None:
-        last = rows[-1].get("knn_top1")
-        results["knn_top1"] = float(last) if last else monitor(trunk)
-        torch.manual_seed(cfg.seed)  # the trunk make_trainer built before any step
-        results["random_knn_top1"] = monitor(build_trunk(cfg.arch, cfg.width))
-        results["knn_k"] = KNN_K
+        heads = trainer.invariance_heads()
+        last = {k: float(rows[-1][k]) for k in MONITORED if rows[-1].get(k)}
+        results.update(last if "knn_top1" in last else monitor(trainer.model.trunk, heads))
+        torch.manual_seed(cfg.seed)  # the trunk and heads make_trainer built before any step
+        untrained = build_trunk(cfg.arch, cfg.width)
+        random_heads = PirlHeads(untrained.out_dim, cfg.embed_dim) if heads is not None else None
+        results.update(
+            {f"random_{k}": v for k, v in monitor(untrained, random_heads).items()},
+            knn_k=KNN_K,
+        )
+        if heads is not None:
+            results["fg_retrieval_chance"] = monitor.retrieval_chance
     run.write_results(results)
     plot_learning_curve(
         run.path("metrics.csv"),
         run.path("learning_curve.png"),
         results["chance_loss"],
         results.get("random_knn_top1"),
+        results.get("random_fg_retrieval"),
     )
-    line = f"final loss {results['final_loss']:.3f} (chance {results['chance_loss']:.3f})"
+    terms = ", ".join(
+        f"{key.split('_')[0]} {results[f'final_{key}']:.3f}"
+        for key in TERMS[1:]
+        if f"final_{key}" in results
+    )
+    line = f"final loss {results['final_loss']:.3f}" + (f" ({terms})" if terms else "")
+    line += f", each against chance {chance:.3f}" if terms else f" (chance {chance:.3f})"
     if monitor is not None:
         line += (
             f"; kNN top-1 {results['knn_top1']:.1f}% (untrained trunk "
             f"{results['random_knn_top1']:.1f}%)"
+        )
+    if "fg_retrieval" in results:
+        line += (
+            f"; g retrieves its own image's f {results['fg_retrieval']:.1f}% of the time "
+            f"(untrained {results['random_fg_retrieval']:.1f}%, chance "
+            f"{results['fg_retrieval_chance']:.1f}%), f-g distance ratio own/other "
+            f"{results['fg_ratio']:.3f} (untrained {results['random_fg_ratio']:.3f})"
         )
     log.info("%s", line)
     return results

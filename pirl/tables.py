@@ -29,19 +29,30 @@ def comparison(method: str, results: dict[str, Any]) -> str:
     table the demo ends on."""
     name = {"pirl": "PIRL", "npid": "NPID++", "jigsaw": "Jigsaw"}[method]
     rows = [
-        (label, results[key], results[f"random_{key}"])
-        for label, key in (
-            ("kNN top-1 (k=20), %", "knn_top1"),  # absent with --eval-every 0
-            ("linear probe res5 top-1, %", "linear_top1"),
+        (label, results[key], results[f"random_{key}"], digits)
+        for label, key, digits in (
+            ("kNN top-1 (k=20), %", "knn_top1", 1),  # absent with --eval-every 0
+            ("linear probe res5 top-1, %", "linear_top1", 1),
+            ("g retrieves own f, %", "fg_retrieval", 1),  # runs with a patch term
+            ("f-g distance own/other", "fg_ratio", 3),
         )
         if key in results
     ]
-    return "\n".join(
-        [
-            "held-out embedded split:",
-            f"{'':<28}{name:>8}{'untrained':>11}",
-            *(f"{label:<28}{ours:>8.1f}{random:>11.1f}" for label, ours, random in rows),
-            f"final training loss {results['final_loss']:.3f} "
-            f"(chance level {results['chance_loss']:.3f})",
-        ]
-    )
+    losses = [
+        f"{label} {results[key]:.3f}"
+        for label, key in (
+            ("final training loss", "final_loss"),
+            ("patch term", "final_patch_loss"),
+            ("image term", "final_image_loss"),
+        )
+        if key in results
+    ]
+    lines = [
+        "held-out embedded split:",
+        f"{'':<28}{name:>8}{'untrained':>11}",
+        *(f"{label:<28}{ours:>8.{d}f}{random:>11.{d}f}" for label, ours, random, d in rows),
+        f"{', '.join(losses)} (chance level {results['chance_loss']:.3f})",
+    ]
+    if "fg_retrieval_chance" in results:
+        lines.append(f"retrieval at chance: {results['fg_retrieval_chance']:.1f}%")
+    return "\n".join(lines)

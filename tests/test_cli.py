@@ -108,7 +108,15 @@ def test_embedded_comparison_adds_linear_probes_and_prints_a_table(
         f"{results['random_knn_top1']:.1f}",
     ]
     assert table[3].split()[-1] == f"{results['random_linear_top1']:.1f}"
-    assert table[4].startswith("final training loss")
+    assert table[4].split()[-2:] == [
+        f"{results['fg_retrieval']:.1f}",
+        f"{results['random_fg_retrieval']:.1f}",
+    ]
+    assert table[5].split()[-2:] == [
+        f"{results['fg_ratio']:.3f}",
+        f"{results['random_fg_ratio']:.3f}",
+    ]
+    assert table[6].startswith("final training loss") and "patch term" in table[6]
 
 
 def test_help_imports_nothing_heavy() -> None:

@@ -13,18 +13,11 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
-from analysis.invariance import (
-    BINS,
-    STAGES,
-    JigsawPatches,
-    Runtime,
-    encoder_invariance,
-    invariance_distances,
-    to_cell_order,
-)
+from analysis.invariance import STAGES, Runtime, encoder_invariance, to_cell_order
 from pirl.data import cache_dir, list_images
 from pirl.features import pool_grid
 from pirl.heads import PirlHeads
+from pirl.invariance import BINS, JigsawPatches, invariance_distances
 from pirl.jigsaw import JigsawGeometry
 from pirl.jigsaw_pretext import JigsawHead, hamming_permutations
 from pirl.trunk import build_trunk

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import pirl.pretrain as train
+from pirl.data import list_images
 from pirl.errors import UserError
 from pirl.pretrain import PretrainConfig, pretrain
 from pirl.safe_load import read_checkpoint
@@ -72,7 +73,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(
     out = tmp_path / "run"
     pretrain(tiny_config(tiny_folder, out, epochs=1))
     saved = (out / "checkpoint.pth").read_bytes()
-    monkeypatch.setattr(train.PirlLoss, "forward", lambda *a, **k: torch.tensor(float("nan")))
+    monkeypatch.setattr(train.PirlLoss, "mix", lambda *a, **k: torch.tensor(float("nan")))
     with pytest.raises(UserError, match=r"loss became nan at epoch 2.*last good checkpoint"):
         pretrain(tiny_config(tiny_folder, out, epochs=2, resume=True, allow_change=("epochs",)))
     assert (out / "checkpoint.pth").read_bytes() == saved
@@ -281,11 +282,18 @@ def test_knn_monitor_logs_each_due_epoch_and_compares_with_the_untrained_trunk(
     val = split_folder(tmp_path / "split", tiny_folder)
     cfg = tiny_config(tiny_folder, tmp_path / "run", epochs=3, eval_every=2, val_data=str(val))
     trainer = pretrain(cfg)
-    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
-    assert rows[0].endswith(",knn_top1")
-    knn = [r.split(",")[-1] for r in rows[1:]]
-    assert knn[0] == "" and knn[1] and knn[2]  # epochs 2 (due) and 3 (the last)
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open(newline="")))
+    for key in ("knn_top1", "fg_retrieval", "fg_ratio"):  # epochs 2 (due) and 3 (the last)
+        assert [bool(r[key]) for r in rows] == [False, True, True]
+    for r in rows:  # each term on its own, mixed by lambda = 0.5 into the loss
+        total = 0.5 * float(r["patch_loss"]) + 0.5 * float(r["image_loss"])
+        assert float(r["loss"]) == pytest.approx(total, rel=1e-5)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["final_patch_loss"] == pytest.approx(float(rows[-1]["patch_loss"]))
+    assert results["fg_retrieval_chance"] == pytest.approx(100 / len(list_images(val / "val")))
+    for key in ("fg_retrieval", "random_fg_retrieval"):
+        assert 0 <= results[key] <= 100
+    assert 0 < results["fg_ratio"] < 2 and 0 < results["random_fg_ratio"] < 2
     assert results["knn_top1"] == pytest.approx(knn_by_hand(trainer.model.trunk, val, 32))
     torch.manual_seed(0)
     untrained = train.build_trunk("resnet18", 0.125)
@@ -325,7 +333,7 @@ def retrieval_after_training(shuffle_pairs: bool, steps: int = 100) -> tuple[flo
         x, patches, _ = augment(views[idx], sources[idx], gen)
         if shuffle_pairs:
             patches = patches[torch.randperm(16, generator=gen)]
-        loss, f = trainer.loss(trainer.model, (x, patches), idx, neg_gen, gen, amp=False)
+        loss, f, _ = trainer.loss(trainer.model, (x, patches), idx, neg_gen, gen, amp=False)
         trainer.update(loss, cfg.lr, idx, f)
     idx = torch.arange(32)
     x, patches, _ = augment(views, sources, gen)
