@@ -1,17 +1,27 @@
 """The Jigsaw pretext baseline (Noroozi & Favaro 2016): which permutation shuffled 9 patches?
 
-Each patch goes through the shared trunk on its own (res5, global average pool, d dims); the 9
-features are concatenated in the shuffled order (9d) and one Linear layer scores the P
-permutations of the set, as VISSL's ResNet-50 Jigsaw (`siamese_concat_view` + `mlp`). The
-permutation set is the greedy maximal-Hamming construction of Noroozi & Favaro: start from a
+As Goyal et al. (2019) train it for ResNet-50 and VISSL configures it
+(configs/config/pretrain/jigsaw/jigsaw_8gpu_resnet.yaml, the source of the paper's Jigsaw rows):
+the image's shorter side resized to 256 (at 224), a horizontal flip, a random 255-px crop,
+grayscale with probability 0.66, ImageNet normalisation, then the 3x3 cells of 85 px with a 64-px
+patch at a random offset (0..20) in each, shuffled by a permutation drawn from a set of 2,000; no
+colour jitter and nothing per patch. Each patch goes through the shared trunk on its own (res5,
+global average pool, d dims), then Linear(d, 1000), BatchNorm1d and ReLU per patch; the 9 outputs
+are concatenated in the shuffled order (9000) and Linear(9000, P) scores the P permutations
+(`mlp` with BN, `siamese_concat_view`, `mlp`). SGD with LR 0.1 x batch / 256 warmed up from a
+quarter of it over the first 5 of 105 epochs and divided by 10 at epochs 30, 60, 90 and 100,
+weight decay 1e-4 on weights and biases, none on BN (pirl/pretrain.py: `--lr-schedule steps`).
+
+The permutation set is the greedy maximal-Hamming construction of Noroozi & Favaro: start from a
 seeded random permutation, then repeatedly add the permutation whose minimum Hamming distance to
-those already chosen is largest (the first such in lexicographic order on ties). Noroozi &
-Favaro's Algorithm 1 (and the common reimplementations) maximise the summed distance instead;
-for 1,000 permutations (seed 0) that gives mean distance 8.01 but pairs only 2 apart, while
-max-min gives mean 7.91 with every pair at least 5 apart.
+those already chosen is largest (the first such in lexicographic order on ties). VISSL's set
+(`hamming_perms_2000_patches_9_max_avg.npy`) maximises the summed distance instead; for 1,000
+permutations (seed 0) that gives mean distance 8.01 but pairs only 2 apart, while max-min gives
+mean 7.91 with every pair at least 5 apart.
 
 Checkpoint `heads` keys: `permutations` (P, 9) int64, the set in class order (row c is class c);
-`classifier.weight` (P, 9d) and `classifier.bias` (P,).
+`patch.0.*` (Linear), `patch.1.*` (BatchNorm1d) and `classifier.weight` (P, 9 x 1000),
+`classifier.bias` (P,).
 """
 
 from __future__ import annotations
@@ -26,13 +36,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torchvision import transforms as T
 
 from pirl.engine import param_groups
-from pirl.jigsaw import JigsawGeometry, PirlTransform, patch_boxes, random_offsets
+from pirl.jigsaw import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    JigsawGeometry,
+    cut_patches,
+    random_offsets,
+)
 from pirl.pretext import PretextTrainer
 from pirl.trunk import Trunk, build_trunk
 
-NUM_PERMUTATIONS = 1000
+NUM_PERMUTATIONS = 2000  # VISSL's ResNet-50 Jigsaw (perm2000)
+HIDDEN = 1000  # the per-patch MLP's width, VISSL's dims [2048, 1000]
+SOURCE_GRAYSCALE = 0.66  # VISSL's RandomGrayscale for Jigsaw (PIRL's views use 0.2)
 
 
 @functools.lru_cache(maxsize=4)
@@ -78,17 +97,22 @@ def min_hamming_distance(perms: torch.Tensor) -> int:
 
 
 class JigsawHead(nn.Module):
-    """Linear(9d, P) on the patch features concatenated in the shuffled order; keeps the set."""
+    """Per patch Linear(d, 1000), BatchNorm1d, ReLU; the 9 outputs concatenated in the shuffled
+    order; Linear(9 x 1000, P) scores the permutations. Keeps the permutation set."""
 
-    def __init__(self, in_dim: int, permutations: torch.Tensor) -> None:
+    def __init__(self, in_dim: int, permutations: torch.Tensor, hidden: int = HIDDEN) -> None:
         super().__init__()
         self.num_patches = permutations.shape[1]
         self.register_buffer("permutations", permutations.clone().long())
-        self.classifier = nn.Linear(self.num_patches * in_dim, permutations.shape[0])
+        self.patch = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)
+        )
+        self.classifier = nn.Linear(self.num_patches * hidden, permutations.shape[0])
 
     def forward(self, patch_feat: torch.Tensor) -> torch.Tensor:
         """patch_feat: (B * 9, d), one image's patches consecutive -> (B, P) logits."""
-        return self.classifier(patch_feat.reshape(-1, self.num_patches * patch_feat.shape[1]))
+        hidden = self.patch(patch_feat)
+        return self.classifier(hidden.reshape(-1, self.num_patches * hidden.shape[1]))
 
 
 class JigsawModel(nn.Module):
@@ -110,30 +134,40 @@ class JigsawLoss(nn.Module):
         return F.cross_entropy(logits, target)
 
 
-class JigsawTransform(PirlTransform):
-    """PIRL's patch view with the shuffle drawn from the permutation set.
+class JigsawTransform:
+    """The Jigsaw view of VISSL's ResNet Jigsaw config, at any image size (pirl/jigsaw.py's
+    geometry): shorter side to 256/224 of the view size, flip, a random square crop of the patch
+    source's size, grayscale (p 0.66), ImageNet normalisation; one patch per cell at a random
+    offset, shuffled by a permutation drawn from the set.
 
     Returns (empty image (0,1,1), patches (9,3,P,P), class index) where slot k of the patches
-    holds cell permutations[class][k]; the augmentation is PIRL's, per patch.
+    holds cell permutations[class][k].
     """
 
     def __init__(self, geometry: JigsawGeometry, permutations: torch.Tensor) -> None:
-        super().__init__(geometry, with_patches=True)
-        self.permutations = permutations
+        self.geometry, self.permutations = geometry, permutations
+        resize = max(round(geometry.image_size * 256 / 224), geometry.source_size)
+        self.source = T.Compose(
+            [
+                T.Resize(resize),
+                T.RandomHorizontalFlip(),
+                T.RandomCrop(geometry.source_size),
+                T.RandomGrayscale(SOURCE_GRAYSCALE),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = self.geometry
         label = torch.randint(len(self.permutations), ())
-        source = self.source_crop(img)
-        boxes = patch_boxes(g, random_offsets(g)).tolist()
-        cells = [source.crop((x0, y0, x1, y1)) for y0, x0, y1, x1 in boxes]
-        patches = torch.stack([self.augment(cells[int(k)]) for k in self.permutations[label]])
+        patches = cut_patches(self.source(img), g, random_offsets(g), self.permutations[label])
         return torch.empty(0, 1, 1), patches, label
 
 
 class JigsawTrainer(PretextTrainer):
     """The Jigsaw-pretext recipe: workers cut and shuffle the patches by a drawn permutation
-    class (with PIRL's per-patch augmentation), the step classifies the class; no memory bank.
+    class (VISSL's Jigsaw augmentation), the step classifies the class; no memory bank.
     Trained by pirl/pretrain.py's loop with `--method jigsaw`."""
 
     @classmethod
@@ -145,8 +179,11 @@ class JigsawTrainer(PretextTrainer):
         model = JigsawModel(trunk, head).to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(
-            param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, fused=True
+        optimizer = torch.optim.SGD(  # VISSL's Jigsaw decays biases (regularize_bias), not BN
+            param_groups(model, cfg.weight_decay, decay_bias=True),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            fused=True,
         )
         return cls(cfg, model, JigsawLoss(), optimizer)
 

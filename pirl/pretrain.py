@@ -114,6 +114,17 @@ EMBEDDED = {
 # metrics.csv's loss columns: the total, and PIRL's two terms on their own (empty where a method
 # has no such term: NPID++ has no patch term, the Jigsaw baseline neither).
 TERMS = ("loss", "patch_loss", "image_loss")
+# The Jigsaw baseline's own recipe (pirl/jigsaw_pretext.py, VISSL's ResNet Jigsaw config): LR 0.1 x
+# batch / 256 on VISSL's step schedule, and at paper scale 105 epochs at batch 256. Its augmentation
+# is VISSL's Jigsaw augmentation, which has none of AUGMENT_KEYS.
+JIGSAW_PAPER = {"epochs": 105, "batch_size": 256, "lr_schedule": "steps"}
+JIGSAW_EMBEDDED = {"lr_schedule": "steps"}
+AUGMENT_KEYS = ("crop_scale", "hue", "photometric")
+LR_SCHEDULES = ("cosine", "steps")
+# VISSL's Jigsaw schedule, as fractions of its 105 epochs: a linear warm-up from a quarter of the
+# LR over the first 5, then the LR divided by 10 at epochs 30, 60, 90 and 100.
+WARMUP, WARMUP_START = 5 / 105, 0.25
+MILESTONES = (30 / 105, 60 / 105, 90 / 105, 100 / 105)
 KNN_K = 20  # the kNN monitor's neighbours (votes exp(s / 0.07), as NPID's)
 # metrics.csv's monitor columns (KnnMonitor), empty in the epochs it does not score.
 MONITORED = ("knn_top1", "fg_retrieval", "fg_ratio")
@@ -134,7 +145,8 @@ class PretrainConfig:
     batch_size: int | None = None
     lr: float | None = None
     final_lr_ratio: float = 1e-3
-    lr_interval: str = "epoch"  # cosine updated once per epoch as VISSL; "step" every step
+    lr_interval: str = "epoch"  # the LR updated once per epoch as VISSL; "step" every step
+    lr_schedule: str | None = None  # cosine (PIRL, NPID++) or steps (the Jigsaw baseline's)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     num_negatives: int | None = None
@@ -144,7 +156,7 @@ class PretrainConfig:
     z_momentum: float = 0.0
     bank_momentum: float = 0.5
     embed_dim: int = 128
-    num_permutations: int = 1000  # jigsaw: size of the maximal-Hamming permutation set
+    num_permutations: int = 2000  # jigsaw: size of the maximal-Hamming permutation set
     crop_scale: float | None = None  # smallest area fraction of the image view's random crop
     hue: float | None = None  # colour jitter's hue range (brightness/contrast/saturation 0.4)
     photometric: float | None = None  # probability of VISSL's random photometric ops
@@ -170,7 +182,20 @@ class PretrainConfig:
 
     def resolved(self) -> PretrainConfig:
         """Fill every None from the paper (given --data) or the embedded default (no --data)."""
-        base = PAPER if self.data else EMBEDDED
+        base = dict(PAPER if self.data else EMBEDDED)
+        if self.method == "jigsaw":
+            for key in AUGMENT_KEYS:
+                if getattr(self, key) is not None:
+                    raise UserError(
+                        f"--{key.replace('_', '-')} {getattr(self, key)}: the Jigsaw baseline "
+                        "trains on VISSL's Jigsaw augmentation (resize, flip, crop, grayscale "
+                        "0.66), which has no resized crop, colour jitter or photometric ops"
+                    )
+                del base[key]
+            base.pop("lr", None)  # 0.1 x batch / 256, below
+            base.update(JIGSAW_PAPER if self.data else JIGSAW_EMBEDDED)
+        else:
+            base["lr_schedule"] = "cosine"
         cfg = dataclasses.replace(self)
         for key, value in base.items():
             if getattr(cfg, key) is None:
@@ -188,7 +213,9 @@ class PretrainConfig:
                 raise UserError(f"--method {cfg.method}: choose from {sorted(METHODS)}")
             cfg.lam = METHODS[cfg.method]
         if cfg.lr is None:
-            cfg.lr = 0.03 * cfg.batch_size / 256
+            cfg.lr = (0.1 if cfg.method == "jigsaw" else 0.03) * cfg.batch_size / 256
+        if cfg.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"--lr-schedule {cfg.lr_schedule}: choose from {list(LR_SCHEDULES)}")
         if cfg.augment not in AUGMENTS:
             raise UserError(f"--augment {cfg.augment}: choose from {list(AUGMENTS)}")
         if cfg.decode not in DECODES:
@@ -236,6 +263,14 @@ class PirlModel(nn.Module):
                 flat = flat.contiguous(memory_format=torch.channels_last)
             g = self.heads.g(self.trunk.pooled(flat))
         return self.heads.f(self.trunk.pooled(images)), g
+
+
+def step_lr(done: float, base: float) -> float:
+    """VISSL's Jigsaw schedule at `done` (fraction of the run behind us): warm-up from
+    WARMUP_START x base to base over WARMUP, then base / 10 at each milestone passed."""
+    if done < WARMUP:
+        return base * (WARMUP_START + (1 - WARMUP_START) * done / WARMUP)
+    return base * 0.1 ** sum(done >= m for m in MILESTONES)
 
 
 def cosine_lr(done: float, base: float, final_ratio: float) -> float:
@@ -539,7 +574,10 @@ def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
             views, _labels, idx = batch
             idx = idx.to(device)
             done = epoch / cfg.epochs if cfg.lr_interval == "epoch" else trainer.step / total
-            lr = cosine_lr(done, cfg.lr, cfg.final_lr_ratio)
+            if cfg.lr_schedule == "steps":
+                lr = step_lr(done, cfg.lr)
+            else:
+                lr = cosine_lr(done, cfg.lr, cfg.final_lr_ratio)
             loss, embedding, terms = trainer.loss(model, views, idx, neg_gen, aug_gen, amp)
             # The step's one host sync: the loss and its terms, for the finite check and logs.
             values = torch.stack([loss.detach(), *terms.values()]).tolist()
@@ -700,6 +738,8 @@ def embedded_checkpoint(
     short), so every table and analysis that compares against it shares one run."""
     # The recipe and checkpoint version are in the name: a newer recipe trains its own run.
     recipe = (CHECKPOINT_VERSION, sorted(EMBEDDED.items()), sorted(overrides.items()))
+    if method == "jigsaw":  # its head and augmentation changed with no checkpoint version
+        recipe += ("jigsaw-vissl", sorted(JIGSAW_EMBEDDED.items()))
     tag = f"{method}-{hashlib.sha1(repr(recipe).encode()).hexdigest()[:10]}"
     run = cache_dir() / "pretrained" / tag
     ckpt = run / "checkpoint.pth"

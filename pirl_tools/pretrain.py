@@ -33,9 +33,9 @@ from pirl_tools.options import (
 @click.option(
     "--num-permutations",
     type=int,
-    default=1000,
+    default=2000,
     show_default=True,
-    help="jigsaw: permutation classes (maximal-Hamming set).",
+    help="jigsaw: permutation classes (maximal-Hamming set; VISSL's ResNet Jigsaw uses 2,000).",
 )
 @click.option(
     "--arch",
@@ -47,9 +47,14 @@ from pirl_tools.options import (
     "--width", type=float, default=None, help="Width multiplier " + embedded_default(1, 0.25)
 )
 @click.option("--image-size", type=int, default=None, help="View size " + embedded_default(224, 32))
-@click.option("--epochs", type=int, default=None, help="Epochs " + embedded_default(800, 100))
 @click.option(
-    "--lr", type=float, default=None, help="Base LR " + embedded_default("0.03 * batch / 256", 0.06)
+    "--epochs", type=int, default=None, help="Epochs " + embedded_default(800, 100) + "; jigsaw 105"
+)
+@click.option(
+    "--lr",
+    type=float,
+    default=None,
+    help="Base LR " + embedded_default("0.03 * batch / 256", 0.06) + "; jigsaw 0.1 * batch / 256",
 )
 @click.option(
     "--final-lr-ratio",
@@ -59,11 +64,18 @@ from pirl_tools.options import (
     help="Cosine schedule's last LR as a fraction of --lr.",
 )
 @click.option(
+    "--lr-schedule",
+    type=click.Choice(["cosine", "steps"]),
+    default=None,
+    help="cosine to --final-lr-ratio (PIRL, NPID++), or steps: VISSL's Jigsaw schedule, warm-up "
+    "over 5/105 of the run, LR / 10 at 30, 60, 90 and 100 of 105 [method's].",
+)
+@click.option(
     "--lr-interval",
     type=click.Choice(["epoch", "step"]),
     default="epoch",
     show_default=True,
-    help="Cosine LR updated once per epoch (VISSL's PIRL) or at every step.",
+    help="LR updated once per epoch (VISSL's) or at every step.",
 )
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True)
@@ -113,7 +125,9 @@ from pirl_tools.options import (
 @click.option(
     "--embed-dim", type=int, default=128, show_default=True, help="Output size of heads f and g."
 )
-@runtime_options(batch_size=None, batch_help="Global batch " + embedded_default(1024, 64))
+@runtime_options(
+    batch_size=None, batch_help="Global batch " + embedded_default(1024, 64) + "; jigsaw 256"
+)
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 autocast on GPU.")
 @click.option(
     "--compile",

@@ -25,9 +25,9 @@ from pirl.weights import load_encoder
 from pirl_tools.main import main
 
 
-def test_default_set_has_1000_distinct_permutations_and_is_deterministic() -> None:
-    perms = hamming_permutations()
-    assert perms.shape == (1000, 9)
+def test_default_set_is_vissls_size_and_1000_keep_every_pair_5_apart() -> None:
+    assert hamming_permutations().shape == (2000, 9)  # VISSL's perm2000
+    perms = hamming_permutations(1000)
     assert len({tuple(p) for p in perms.tolist()}) == 1000
     assert all(sorted(p) == list(range(9)) for p in perms.tolist())
     assert torch.equal(perms, hamming_permutations(1000, 9, 0))
@@ -71,13 +71,40 @@ def test_transform_shuffles_by_the_recorded_class() -> None:
     ramp = np.tile(np.arange(geometry.source_size, dtype=np.uint8)[None, :, None], (40, 1, 3))
     img = Image.fromarray(np.ascontiguousarray(ramp.transpose(1, 0, 2))).resize((64, 64))
     transform = JigsawTransform(geometry, perms)
-    transform.augment = lambda x: torch.from_numpy(np.asarray(x, dtype=np.float32).copy())
-    transform.source_crop = lambda x: x.resize((geometry.source_size,) * 2)
+    size = (geometry.source_size,) * 2
+    transform.source = lambda x: torch.from_numpy(
+        np.asarray(x.resize(size), np.float32).copy()
+    ).permute(2, 0, 1)
     torch.manual_seed(0)
     image, patches, label = transform(img)
     assert image.numel() == 0 and patches.shape[0] == 9 and 0 <= int(label) < 20
     rows = unshuffle(patches, perms[label]).mean(dim=(1, 2, 3)).reshape(3, 3)
     assert torch.all(rows[1:] > rows[:-1])  # cells in row-major order go down the ramp
+
+
+def test_transform_is_vissls_jigsaw_augmentation() -> None:
+    """Grayscale decided once per image with p 0.66 (PIRL's views: 0.2 per patch), no colour
+    jitter: a patch's pixels are the normalised source's, so a colour pixel keeps its colour."""
+    from PIL import Image
+
+    from pirl.jigsaw import IMAGENET_MEAN, IMAGENET_STD
+
+    geometry = JigsawGeometry.for_image_size(32)
+    transform = JigsawTransform(geometry, hamming_permutations(20))
+    img = Image.new("RGB", (48, 40), (200, 40, 90))
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    colour = ((torch.tensor([200, 40, 90]) / 255 - mean) / std).view(1, 3, 1, 1)
+    torch.manual_seed(0)
+    gray = []
+    for _ in range(300):
+        _, patches, _ = transform(img)
+        rgb = patches * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+        is_gray = (rgb.amax(1) - rgb.amin(1)).amax(dim=(1, 2)) < 1e-3  # per patch
+        assert is_gray.all() or not is_gray.any()  # one decision for the whole image
+        if not is_gray.any():
+            torch.testing.assert_close(patches, colour.expand_as(patches), atol=1e-5, rtol=0)
+        gray.append(bool(is_gray.all()))
+    assert 0.58 < np.mean(gray) < 0.74  # 0.66 +- 3 standard deviations of 300 draws
 
 
 def test_model_shapes_and_loss_decreases() -> None:
@@ -91,7 +118,7 @@ def test_model_shapes_and_loss_decreases() -> None:
     assert logits.shape == (4, 8)
     loss = JigsawLoss()
     assert torch.isclose(loss(logits, target), -logits.log_softmax(1)[range(4), target].mean())
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     first = None
     for _ in range(6):
         value = loss(model(patches), target)
@@ -115,10 +142,50 @@ def test_pretrain_method_jigsaw_writes_a_checkpoint_load_encoder_reads(
     assert result.exit_code == 0, result.output
     ckpt = read_checkpoint(out / "checkpoint.pth")
     assert ckpt["config"]["method"] == "jigsaw" and ckpt["memory"] is None
-    assert set(ckpt["heads"]) == {"permutations", "classifier.weight", "classifier.bias"}
+    mlp = {f"patch.0.{k}" for k in ("weight", "bias")} | {
+        f"patch.1.{k}" for k in ("weight", "bias", "running_mean", "running_var")
+    }
+    assert set(ckpt["heads"]) == {
+        "permutations",
+        "classifier.weight",
+        "classifier.bias",
+        "patch.1.num_batches_tracked",
+        *mlp,
+    }
     assert torch.equal(ckpt["heads"]["permutations"], hamming_permutations(10))
-    assert ckpt["heads"]["classifier.weight"].shape == (10, 9 * 64)
+    assert ckpt["heads"]["patch.0.weight"].shape == (1000, 64)
+    assert ckpt["heads"]["classifier.weight"].shape == (10, 9 * 1000)
     enc = load_encoder(out / "checkpoint.pth")
     assert enc.heads is None and enc.arch == "resnet18" and enc.width == 0.125
     for k, v in enc.trunk.state_dict().items():
         assert torch.equal(v, ckpt["trunk"][k]), k
+
+
+def test_step_schedule_is_vissls_jigsaw_schedule() -> None:
+    """VISSL's bs32_4nodes Jigsaw schedule (batch 1024): linear 0.1 -> 0.4 over 5 of 105 epochs,
+    then 0.4, 0.04, 0.004, 0.0004, 0.00004 from epochs 30, 60, 90, 100."""
+    from pirl.pretrain import step_lr
+
+    expected = {0: 0.1, 2.5: 0.25, 5: 0.4, 29: 0.4, 30: 0.04, 59: 0.04, 60: 0.004, 90: 4e-4}
+    expected |= {99: 4e-4, 100: 4e-5, 104: 4e-5}
+    for epoch, lr in expected.items():
+        assert step_lr(epoch / 105, 0.4) == pytest.approx(lr, rel=1e-9), epoch
+
+
+def test_jigsaw_defaults_are_vissls_and_pirls_augmentation_flags_are_refused(
+    tiny_folder: Path,
+) -> None:
+    from pirl.errors import UserError
+    from pirl.pretrain import PretrainConfig
+
+    cfg = PretrainConfig(data=str(tiny_folder), method="jigsaw").resolved()
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.lr_schedule) == (105, 256, 0.1, "steps")
+    assert cfg.num_permutations == 2000 and cfg.hue is None and cfg.crop_scale is None
+    embedded = PretrainConfig(method="jigsaw").resolved()
+    assert (embedded.batch_size, embedded.lr, embedded.lr_schedule) == (64, 0.025, "steps")
+    assert PretrainConfig(method="pirl").resolved().lr_schedule == "cosine"
+    for flag in ("hue", "photometric", "crop_scale"):
+        with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} 0.3: the Jigsaw"):
+            PretrainConfig(method="jigsaw", **{flag: 0.3}).resolved()
+    result = CliRunner().invoke(main, ["pretrain", "--method", "jigsaw", "--hue", "0.1"])
+    assert result.exit_code == 2 and "error: --hue 0.1: the Jigsaw baseline" in result.output
