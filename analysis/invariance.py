@@ -7,7 +7,10 @@ the distance of I to the transforms of all other images.
 The views are deterministic. I is the whole image resized to `image_size` (224). I^t comes
 from the whole image resized to the patch source size (255 at 224): the 3x3 grid of cells, the
 patch at the centre of each cell (64 of 85 px), the 9 patches shuffled by a seeded random
-permutation per image; no colour augmentation.
+permutation per image; no colour augmentation. Each view goes through the trunk with BN
+statistics estimated on that view over the analysed images: training normalises the patches and
+the image each by its own batch, and eval mode's one set of running statistics fits neither at
+small scale (docs/reference.md).
 
 Representations compared:
 - heads "f-g" (models with PIRL heads): f(v_I) against g(v_I^t), the patches in shuffled order,
@@ -27,14 +30,15 @@ import numpy as np
 import torch
 
 from pirl.data import ImageList
-from pirl.features import FeatureExtractor, resize_transform
+from pirl.features import FeatureExtractor
 from pirl.invariance import (
-    JigsawPatches,
+    JigsawViews,
     LayerInvariance,
     heads_invariance,
     invariance_distances,
+    per_view,
 )
-from pirl.jigsaw import JigsawGeometry
+from pirl.trunk import Trunk
 from pirl.weights import Encoder
 
 STAGES = ("conv1", "res2", "res3", "res4", "res5")
@@ -58,16 +62,18 @@ class Runtime:
 
 
 def _extract(
-    encoder: Encoder,
+    trunk: Trunk,
+    identity: str,
     layer: str,
     grid: int,
     images: ImageList,
     view: object,
     rt: Runtime,
 ) -> torch.Tensor:
-    """Grid-pooled float32 features through the shared extractor and its cache (`view` makes
-    the inputs from `images`: a transform, or the patch data set)."""
-    ext = FeatureExtractor.for_encoder(encoder, layer, device=rt.device, grid=grid)
+    """Grid-pooled float32 features of one view through the trunk with that view's BN
+    statistics, via the shared extractor and its cache (`view` makes the inputs from `images`: a
+    transform, or the patch data set)."""
+    ext = FeatureExtractor(trunk, layer, rt.device, grid=grid, identity=per_view(identity))
     feats = ext.extract(
         images,
         view,
@@ -86,29 +92,31 @@ def encoder_invariance(
     seed: int = 0,
     rt: Runtime | None = None,
 ) -> list[LayerInvariance]:
-    """Distances per trunk stage, then f-g when the encoder has PIRL heads."""
+    """Distances per trunk stage, then f-g when the encoder has PIRL heads; each view goes
+    through the trunk with its own BN statistics (pirl/invariance.py: view_statistics)."""
     rt = rt or Runtime()
-    geometry = JigsawGeometry.for_image_size(image_size)
-    transform = resize_transform(image_size)
-    patch_ds = JigsawPatches(images, geometry, seed)
-    perms = torch.stack([patch_ds.permutation(i) for i in range(len(images))])
+    views = JigsawViews.build(
+        encoder.trunk, images, image_size, seed, rt.device, rt.batch_size, rt.num_workers
+    )
+    perms = torch.stack([views.patches.permutation(i) for i in range(len(images))])
     n, out = len(images), []
     for stage in STAGES:
-        whole = _extract(encoder, stage, 3, images, transform, rt)
-        slots = _extract(encoder, stage, 1, images, patch_ds, rt)
-        slots = slots.reshape(n, geometry.num_patches, -1)
+        whole = _extract(
+            views.image_trunk, encoder.fingerprint, stage, 3, images, views.image.transform, rt
+        )
+        slots = _extract(
+            views.patch_trunk, encoder.fingerprint, stage, 1, images, views.patches, rt
+        )
+        slots = slots.reshape(n, views.patches.geometry.num_patches, -1)
         out.append(invariance_distances(whole, to_cell_order(slots, perms), stage))
     if encoder.heads is not None:  # res5's features come from the cache just written
         out.append(
             heads_invariance(
-                encoder.trunk,
+                views,
                 encoder.heads,
-                images,
-                image_size,
                 rt.device,
                 rt.batch_size,
                 rt.num_workers,
-                seed,
                 identity=encoder.fingerprint,
                 progress=rt.progress,
             )

@@ -11,6 +11,7 @@ often the transform's nearest original is its own image.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as T
 
-from pirl.data import ImageList, load_image
+from pirl.data import ImageDataset, ImageList, load_image
+from pirl.engine import resolve_device
 from pirl.features import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, resize_transform
 from pirl.jigsaw import JigsawGeometry, cut_patches
 from pirl.knn import self_match_rate
@@ -124,15 +126,71 @@ class JigsawPatches(torch.utils.data.Dataset):
         return self.patches(i)[k], self.images.labels[i], item
 
 
-def heads_invariance(
+def view_statistics(
     trunk: Trunk,
-    heads: nn.Module,
-    images: ImageList,
-    image_size: int = 224,
+    view: torch.utils.data.Dataset,
     device: str | torch.device = "auto",
     batch_size: int = 64,
     num_workers: int = 0,
-    seed: int = 0,
+) -> Trunk:
+    """A copy of the trunk whose BatchNorm statistics are those of one view (a cumulative
+    average over its batches, as Precise BN estimates them). In PIRL's training every view is
+    normalised by its own batch's statistics (the 9 x B patches, then the B images), but eval
+    mode has one set of running statistics for both, which at small scale fits neither: so each
+    view is analysed as training computes it."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    copy_ = copy.deepcopy(trunk).to(device)
+    for m in copy_.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    copy_.train()
+    loader = torch.utils.data.DataLoader(view, batch_size=batch_size, num_workers=num_workers)
+    with torch.no_grad():
+        for batch in loader:
+            copy_(batch[0].to(device), ("res5",))
+    return copy_.eval()
+
+
+@dataclass
+class JigsawViews:
+    """The two views the analysis compares, each with the trunk that has its BN statistics:
+    the whole image (resize_transform) and its deterministic jigsaw view (JigsawPatches)."""
+
+    image: ImageDataset
+    patches: JigsawPatches
+    image_trunk: Trunk
+    patch_trunk: Trunk
+
+    @classmethod
+    def build(
+        cls,
+        trunk: Trunk,
+        images: ImageList,
+        image_size: int = 224,
+        seed: int = 0,
+        device: str | torch.device = "auto",
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ) -> JigsawViews:
+        """Both views of `images` and a copy of the trunk per view (view_statistics)."""
+        image = ImageDataset(images, resize_transform(image_size))
+        patches = JigsawPatches(images, JigsawGeometry.for_image_size(image_size), seed)
+        patch_batch = batch_size * patches.geometry.num_patches  # as training batches them
+        return cls(
+            image,
+            patches,
+            view_statistics(trunk, image, device, batch_size, num_workers),
+            view_statistics(trunk, patches, device, patch_batch, num_workers),
+        )
+
+
+def heads_invariance(
+    views: JigsawViews,
+    heads: nn.Module,
+    device: str | torch.device = "auto",
+    batch_size: int = 64,
+    num_workers: int = 0,
     identity: str | None = None,
     alone: bool = False,
     progress: bool = False,
@@ -141,19 +199,23 @@ def heads_invariance(
     compares: its own/other distance ratio and how often g retrieves its own image's f.
     `identity` (an `Encoder.fingerprint`) shares the features through the extractor's cache;
     None (a trunk still training: pass a copy) computes them afresh."""
-    geometry = JigsawGeometry.for_image_size(image_size)
-    ext = FeatureExtractor(trunk, "res5", device, grid=1, identity=identity, alone=alone)
-    views = (resize_transform(image_size), JigsawPatches(images, geometry, seed))
-    pooled, slots = (
-        torch.from_numpy(
-            np.array(
-                ext.extract(images, view, batch_size, num_workers, "float32", progress),
-                dtype=np.float32,
-            )
+    images = views.image.images
+    feats = []
+    for trunk, view in (
+        (views.image_trunk, views.image.transform),
+        (views.patch_trunk, views.patches),
+    ):
+        ext = FeatureExtractor(
+            trunk, "res5", device, grid=1, identity=per_view(identity), alone=alone
         )
-        for view in views
-    )
+        out = ext.extract(images, view, batch_size, num_workers, "float32", progress)
+        feats.append(torch.from_numpy(np.array(out, dtype=np.float32)))
     at = next(heads.parameters()).device
     with torch.no_grad():
-        f, g = heads.f(pooled.to(at)), heads.g(slots.to(at))
+        f, g = heads.f(feats[0].to(at)), heads.g(feats[1].to(at))
     return invariance_distances(f.cpu(), g.cpu(), HEADS)
+
+
+def per_view(identity: str | None) -> str | None:
+    """The cache identity of features computed with per-view BN statistics (not the stored)."""
+    return None if identity is None else f"{identity}|bn-per-view"

@@ -57,7 +57,7 @@ from pirl.engine import (
 )
 from pirl.errors import UserError
 from pirl.heads import PirlHeads
-from pirl.invariance import heads_invariance
+from pirl.invariance import JigsawViews, heads_invariance
 from pirl.jigsaw import JigsawGeometry, PirlTransform
 from pirl.jigsaw_pretext import JigsawTrainer
 from pirl.knn import trunk_knn
@@ -481,9 +481,9 @@ class KnnMonitor:
         acc = trunk_knn(trunk, *self.splits, "res5avg", self.cfg.image_size, (KNN_K,), **common)
         out = {"knn_top1": acc[KNN_K]}
         if heads is not None:
-            inv = heads_invariance(
-                trunk, copy.deepcopy(heads), self.splits[1], self.cfg.image_size, **common
-            )
+            size, workers = self.cfg.image_size, self.cfg.num_workers
+            views = JigsawViews.build(trunk, self.splits[1], size, 0, self.device, 256, workers)
+            inv = heads_invariance(views, copy.deepcopy(heads), **common)
             out.update(fg_retrieval=100.0 * inv.self_match, fg_ratio=inv.ratio)
         return out
 

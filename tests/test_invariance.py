@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from pathlib import Path
@@ -106,7 +107,7 @@ def test_random_encoders_of_different_seeds_get_their_own_features(
     calls = []
     encoder.trunk.register_forward_hook(lambda *a: calls.append(1))
     assert [r.ratio for r in encoder_invariance(encoder, val, 32, 0, rt)] == ratios[1]
-    assert not calls  # all served from the cache
+    assert len(calls) == 2  # the features from the cache: only each view's BN statistics pass
 
 
 def _save_native(path: Path, trunk_seed: int, heads: torch.nn.Module | None) -> str:
@@ -156,7 +157,8 @@ def test_cli_end_to_end_writes_tables_and_plots(
     assert "| pirl | f-g | 16 |" in (out / "invariance.md").read_text()
 
     # f-g row recomputed directly: the whole image at 32 px through the trunk and f, the
-    # shuffled centre patches through the trunk and g, unit vectors, mean of |f - g|
+    # shuffled centre patches through the trunk and g, each view with BN statistics of that view
+    # (the whole view in one batch: running mean and unbiased variance), unit vectors, |f - g|
     from pirl.features import resize_transform
     from pirl.weights import load_encoder
 
@@ -164,10 +166,30 @@ def test_cli_end_to_end_writes_tables_and_plots(
     val = list_images(data / "val")
     patches = JigsawPatches(val, JigsawGeometry.for_image_size(32), seed=0)
     tf = resize_transform(32)
+
+    def pooled(x: torch.Tensor) -> torch.Tensor:
+        trunk = copy.deepcopy(enc.trunk)
+        bns = [m for m in trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        stats = {}
+
+        def keep(module, inputs, output):
+            y = inputs[0]
+            n = y.numel() / y.shape[1]
+            stats[module] = (y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False) * n / (n - 1))
+
+        handles = [m.register_forward_hook(keep) for m in bns]
+        trunk.train()
+        trunk.pooled(x)  # batch statistics layer by layer
+        for h in handles:
+            h.remove()
+        for m in bns:
+            m.running_mean, m.running_var = stats[m]
+        return trunk.eval().pooled(x)
+
     with torch.no_grad():
         whole = torch.stack([tf(Image.open(p).convert("RGB")) for p in val.paths])
-        f = enc.heads.f(enc.trunk.pooled(whole))
-        g = enc.heads.g(enc.trunk.pooled(torch.stack([patches[i][0] for i in range(len(patches))])))
+        f = enc.heads.f(pooled(whole))
+        g = enc.heads.g(pooled(torch.stack([patches[i][0] for i in range(len(patches))])))
     own = (F.normalize(f, dim=1) - F.normalize(g, dim=1)).norm(dim=1).mean().item()
     got = table[(table["model"] == "pirl") & (table["layer"] == "f-g")]["own_mean"].item()
     assert math.isclose(got, own, rel_tol=1e-4), (got, own)

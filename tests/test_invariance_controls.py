@@ -144,4 +144,4 @@ def test_analysis_finds_nothing_when_images_get_other_images_patches(analysed, m
     table = analysed("mispaired")
     for layer in ("res5", "f-g"):
         assert 0.85 < table.loc[("invariant", layer), "ratio"] < 1.15, layer
-        assert table.loc[("invariant", layer), "self_match"] <= 1 / 16, layer
+        assert table.loc[("invariant", layer), "self_match"] <= 3 / 16, layer  # chance 1 / 16
