@@ -154,6 +154,12 @@ from pirl_tools.options import (
     "auto: cpu.",
 )
 @click.option(
+    "--patch-bn-stats",
+    is_flag=True,
+    help="Fold the patch pass into BN's running statistics too, as VISSL does; by default they "
+    "are the image pass's alone, the statistics every evaluation of images uses.",
+)
+@click.option(
     "--shared-negatives",
     is_flag=True,
     help="Draw one set of negatives per batch (and term) instead of one per sample as VISSL "

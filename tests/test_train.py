@@ -477,3 +477,22 @@ def test_ddp_pretraining_with_the_knn_monitor_scores_on_rank_0_alone(
     assert [r["epoch"] for r in rows] == ["1", "2"] and all(r["knn_top1"] for r in rows)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0 <= results["knn_top1"] <= 100 and 0 <= results["random_knn_top1"] <= 100
+
+
+@pytest.mark.parametrize("patch_bn_stats", [False, True])
+def test_running_statistics_are_the_image_pass_unless_asked_to_blend(patch_bn_stats: bool) -> None:
+    """bn1's running mean after one forward, by hand: momentum 0.1 from zero, the patch batch
+    first (VISSL's order) and then the image batch; by default only the image batch counts."""
+    from pirl.heads import PirlHeads
+
+    torch.manual_seed(0)
+    trunk = train.build_trunk("resnet18", 0.125)
+    model = train.PirlModel(trunk, PirlHeads(trunk.out_dim, 16), patch_bn_stats).train()
+    images, patches = torch.randn(4, 3, 32, 32) + 1, torch.randn(4, 9, 3, 9, 9) - 1
+    with torch.no_grad():
+        image_mean = trunk.conv1(images).mean((0, 2, 3))
+        patch_mean = trunk.conv1(patches.flatten(0, 1)).mean((0, 2, 3))
+        model(images, patches)
+    expected = 0.1 * image_mean + (0.9 * 0.1 * patch_mean if patch_bn_stats else 0)
+    torch.testing.assert_close(trunk.bn1.running_mean, expected)
+    assert trunk.bn1.momentum == 0.1  # restored after the patch pass
