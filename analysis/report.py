@@ -102,23 +102,42 @@ def layer_claims(curves: pd.DataFrame) -> list[Claim]:
     return claims
 
 
-def invariance_claims(table: pd.DataFrame) -> list[Claim]:
-    """Fig. 4: PIRL's res5 is more invariant to the jigsaw transform than Jigsaw's (a lower
-    ratio of the distance to its own transform over the distance to other images)."""
-    res5 = table[table["layer"] == "res5"].set_index("model")["ratio"]
-    if "pirl" not in res5.index or "jigsaw" not in res5.index:
-        return []
-    return [
-        Claim(
-            "Fig. 4: PIRL is more invariant to the jigsaw transform than Jigsaw (res5)",
-            f"own/other distance ratio PIRL {res5['pirl']:.3f} vs Jigsaw {res5['jigsaw']:.3f}",
-            bool(res5["pirl"] < res5["jigsaw"]),
+def invariance_claims(table: pd.DataFrame, n: int | None = None) -> list[Claim]:
+    """Fig. 4: PIRL's representation is invariant to the jigsaw transform, Jigsaw's is not: at
+    the heads (f-g) and at res5, the distance to the own transform over that to other images
+    (< 1: invariant), and how often the transform's nearest original is its own image (the
+    histograms separate); n images were analysed."""
+    rows = table.set_index(["model", "layer"])
+    claims = []
+    if ("pirl", "f-g") in rows.index:
+        heads = rows.loc[("pirl", "f-g")]
+        chance = f", chance {100 / n:.1f}%" if n else ""
+        claims.append(
+            Claim(
+                "Fig. 4: PIRL's heads are invariant: g of the jigsaw view lies nearer f of its own "
+                "image than of others",
+                f"f-g own/other distance ratio {heads['ratio']:.3f}; g retrieves its own image's "
+                f"f {100 * heads['self_match']:.1f}% of the time{chance}",
+                bool(heads["ratio"] < 0.9 and (n is None or heads["self_match"] > 2 / n)),
+            )
         )
-    ]
+    if ("pirl", "res5") in rows.index and ("jigsaw", "res5") in rows.index:
+        pirl, jigsaw = rows.loc[("pirl", "res5")], rows.loc[("jigsaw", "res5")]
+        claims.append(
+            Claim(
+                "Fig. 4: PIRL is more invariant to the jigsaw transform than Jigsaw (res5)",
+                f"own/other distance ratio PIRL {pirl['ratio']:.3f} vs Jigsaw "
+                f"{jigsaw['ratio']:.3f}; own image retrieved {100 * pirl['self_match']:.1f}% "
+                f"vs {100 * jigsaw['self_match']:.1f}%",
+                bool(pirl["ratio"] < jigsaw["ratio"] and pirl["self_match"] > jigsaw["self_match"]),
+            )
+        )
+    return claims
 
 
 def learning_claims(root: Path) -> list[Claim]:
-    """Each pretraining left chance and beat its untrained trunk on kNN."""
+    """Each pretraining left chance and beat its untrained trunk on kNN; PIRL's patch term, the
+    one its name is for, left chance on its own."""
     claims = []
     for run in sorted(p.parent for p in root.glob("*/results.json")):
         r = json.loads((run / "results.json").read_text())
@@ -132,6 +151,15 @@ def learning_claims(root: Path) -> list[Claim]:
                 r["final_loss"] < r["chance_loss"] and r["knn_top1"] > r["random_knn_top1"],
             )
         )
+        if "final_patch_loss" in r:
+            claims.append(
+                Claim(
+                    f"{run.name}'s patch term learned: at least 1 nat below chance",
+                    f"patch term {r['final_patch_loss']:.3f}, image term "
+                    f"{r['final_image_loss']:.3f} (chance {r['chance_loss']:.3f})",
+                    r["final_patch_loss"] < r["chance_loss"] - 1,
+                )
+            )
     return claims
 
 
@@ -152,12 +180,14 @@ def write_report(root: Path) -> Path:
     table2 = read_csv(root / "table2" / "table2.csv")
     curves = layer_curves(root)
     invariance = read_csv(root / "invariance" / "invariance.csv")
+    summary = root / "invariance" / "results.json"
+    n = json.loads(summary.read_text()).get("images") if summary.is_file() else None
     learned = learning_claims(root)
     claims = [
         *learned,
         *table2_claims(table2),
         *layer_claims(curves),
-        *invariance_claims(invariance),
+        *invariance_claims(invariance, n),
     ]
     plot_probe_by_layer(curves, root / "probe_by_layer.png")
     verdicts = pd.DataFrame(
@@ -199,7 +229,9 @@ def write_report(root: Path) -> Path:
         ),
         "## Invariance to the jigsaw transform (invariance/histograms.png)",
         "",
-        markdown_table(invariance[["model", "layer", "own_mean", "other_mean", "ratio"]], 3),
+        markdown_table(
+            invariance[["model", "layer", "own_mean", "other_mean", "ratio", "self_match"]], 3
+        ),
     ]
     path = root / "report.md"
     path.write_text("\n".join(lines))

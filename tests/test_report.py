@@ -33,17 +33,20 @@ def outputs(root: Path, jigsaw_res5: float, pirl_ratio: float) -> Path:
         t.to_csv(root / "layers" / layer / "table2.csv", index=False)
     inv = pd.DataFrame(
         {
-            "model": ["pirl", "jigsaw"],
-            "layer": ["res5", "res5"],
-            "own_mean": [0.5, 0.9],
-            "other_mean": [1.0, 1.0],
-            "ratio": [pirl_ratio, 0.9],
+            "model": ["pirl", "pirl", "jigsaw"],
+            "layer": ["res5", "f-g", "res5"],
+            "own_mean": [0.5, 0.5, 0.9],
+            "other_mean": [1.0, 1.0, 1.0],
+            "ratio": [pirl_ratio, pirl_ratio, 0.9],
+            "self_match": [0.3, 0.2, 0.05],
         }
     )
     (root / "invariance").mkdir()
     inv.to_csv(root / "invariance" / "invariance.csv", index=False)
+    (root / "invariance" / "results.json").write_text(json.dumps({"images": 100}))
     (root / "pirl").mkdir()
     results = {"final_loss": 5.0, "chance_loss": 6.9, "knn_top1": 30.0, "random_knn_top1": 15.0}
+    results |= {"final_patch_loss": 5.5, "final_image_loss": 4.5}
     (root / "pirl" / "results.json").write_text(json.dumps(results))
     return root
 
@@ -61,6 +64,12 @@ def test_each_claim_is_judged_from_the_numbers(tmp_path: Path) -> None:
     assert v["Fig. 5: Jigsaw's probe peaks before res5 and falls at res5"] == "holds"
     assert v["Fig. 5: PIRL's probe keeps rising to res5"] == "holds"
     assert v["Fig. 4: PIRL is more invariant to the jigsaw transform than Jigsaw (res5)"] == "holds"
+    heads = (
+        "Fig. 4: PIRL's heads are invariant: g of the jigsaw view lies nearer f of its own image "
+        "than of others"
+    )
+    assert v[heads] == "holds"  # ratio 0.5, retrieval 20% against chance 1%
+    assert v["pirl's patch term learned: at least 1 nat below chance"] == "holds"  # 5.5 vs 6.9
     assert (tmp_path / "a" / "probe_by_layer.png").read_bytes()[:4] == b"\x89PNG"
     # The same files with the orderings reversed.
     v = verdicts(write_report(outputs(tmp_path / "b", jigsaw_res5=40.0, pirl_ratio=0.95)))
@@ -69,6 +78,7 @@ def test_each_claim_is_judged_from_the_numbers(tmp_path: Path) -> None:
     assert v["Fig. 4: PIRL is more invariant to the jigsaw transform than Jigsaw (res5)"] == (
         "does not hold"
     )
+    assert v[heads] == "does not hold"  # ratio 0.95
 
 
 def test_a_missing_output_names_the_file(tmp_path: Path) -> None:
