@@ -16,7 +16,7 @@ D2_STAMP := $(VENV)/.detectron2
 d2_deps = $(if $(wildcard $(WHEELS)/detectron2-*.whl),$(D2_STAMP))
 weights_flags = $(foreach w,$(WEIGHTS),--weights $(w))
 
-.PHONY: setup demo test bench gpu-check lint table1 table2 table3 invariance paper-small
+.PHONY: setup demo test bench gpu-check lint table1 table2 table3 invariance paper-small lambda-sweep
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -94,3 +94,15 @@ paper-small: $(STAMP)
 	done
 	$(BIN)/pirl-tools analyze invariance $(small_weights) --out $(PAPER_SMALL)/invariance
 	$(BIN)/pirl-tools analyze report $(PAPER_SMALL)
+
+# The paper's lambda ablation on the embedded recipe: PIRL at lambda 0 (NPID++'s loss) to 1 (the
+# patch term alone), each run's kNN, res5 linear probe, loss terms and invariance in one table.
+LAMBDA := $(OUT)/lambda
+LAMBDAS := 0 0.25 0.5 0.75 1
+
+lambda-sweep: $(STAMP)
+	rm -rf $(LAMBDA)
+	for lam in $(LAMBDAS); do \
+	  $(BIN)/pirl-tools pretrain --lam $$lam --out $(LAMBDA)/lam$$lam || exit 1; \
+	done
+	$(BIN)/pirl-tools analyze lambda $(LAMBDA)

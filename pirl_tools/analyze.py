@@ -89,3 +89,17 @@ def report(root: str) -> None:
     from analysis.report import write_report
 
     click.echo(f"wrote {write_report(Path(root))}")
+
+
+@analyze.command(name="lambda")
+@click.argument("root", type=click.Path(file_okay=False, exists=True))
+def lambda_(root: str) -> None:
+    """lambda.md, lambda.csv and lambda.png from `make lambda-sweep`'s run folders ROOT/lam*/:
+    what PIRL's patch term adds, as the paper's lambda ablation."""
+    from pathlib import Path
+
+    from analysis.lambda_sweep import write_lambda
+
+    path = write_lambda(Path(root))
+    click.echo(path.read_text(), nl=False)
+    click.echo(f"wrote {path}")

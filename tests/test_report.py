@@ -112,3 +112,30 @@ def test_the_report_command_writes_it_and_names_a_missing_file_on_one_line(tmp_p
     res = CliRunner().invoke(main, ["analyze", "report", str(tmp_path / "empty")])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
     assert res.output.startswith(f"error: {tmp_path / 'empty'}")
+
+
+def test_lambda_sweep_table_orders_runs_by_lambda(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pirl_tools.main import main
+
+    for lam, knn in ((0.5, 70.0), (0.0, 75.0), (1.0, 40.0)):
+        run = tmp_path / f"lam{lam:g}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"lam": lam}))
+        r = {"knn_top1": knn, "linear_top1": knn + 2, "chance_loss": 6.93, "final_image_loss": 2}
+        if lam > 0:
+            r |= {"final_patch_loss": 6 - lam, "fg_retrieval": 10 * lam, "fg_ratio": 1 - lam / 4}
+        (run / "results.json").write_text(json.dumps(r))
+    res = CliRunner().invoke(main, ["analyze", "lambda", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(tmp_path / "lambda.csv")
+    assert table["lambda"].tolist() == [0.0, 0.5, 1.0]
+    assert table["kNN top-1"].tolist() == [75.0, 70.0, 40.0]
+    assert table["patch term"].isna().tolist() == [True, False, False]
+    assert table["g retrieves own f (%)"].tolist()[1:] == [5.0, 10.0]
+    assert (tmp_path / "lambda.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 0.500 |" in (tmp_path / "lambda.md").read_text()
+    (tmp_path / "lam1" / "results.json").unlink()
+    res = CliRunner().invoke(main, ["analyze", "lambda", str(tmp_path)])
+    assert res.exit_code == 2 and "lam1/results.json: missing" in res.output
