@@ -41,15 +41,22 @@ def run() -> str:
             "",
             f"`pirl-tools pretrain` with an empty cache (embedded set written, then {recipe}), "
             f"one run on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores; held-out "
-            "split of the embedded set. Reproduce: `python -m bench.demo` (or `make bench`).",
+            "split of the embedded set. Each loss term's chance level is the same "
+            f"({r['chance_loss']:.3f}). g's retrieval of its own image's f is among "
+            f"{100 / r['fg_retrieval_chance']:.0f} held-out images (chance "
+            f"{r['fg_retrieval_chance']:.2f}%). Reproduce: `python -m bench.demo` "
+            "(or `make bench`).",
             "",
-            "| wall time | peak RSS (largest process) | kNN top-1 (k=20) | untrained "
-            "| res5 linear top-1 | untrained | final loss | chance level |",
-            "|---|---|---|---|---|---|---|---|",
-            f"| {seconds / 60:.1f} min | {peak_gb:.2f} GiB | {r['knn_top1']:.1f} "
-            f"| {r['random_knn_top1']:.1f} "
+            "| wall time | peak RSS (largest process) | loss | patch term | image term "
+            "| kNN top-1 (k=20) | untrained | res5 linear top-1 | untrained "
+            "| g retrieves own f | untrained | f-g own/other | untrained |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| {seconds / 60:.1f} min | {peak_gb:.2f} GiB | {r['final_loss']:.3f} "
+            f"| {r['final_patch_loss']:.3f} | {r['final_image_loss']:.3f} "
+            f"| {r['knn_top1']:.1f} | {r['random_knn_top1']:.1f} "
             f"| {r['linear_top1']:.1f} | {r['random_linear_top1']:.1f} "
-            f"| {r['final_loss']:.3f} | {r['chance_loss']:.3f} |",
+            f"| {r['fg_retrieval']:.1f}% | {r['random_fg_retrieval']:.1f}% "
+            f"| {r['fg_ratio']:.3f} | {r['random_fg_ratio']:.3f} |",
         ]
     )
 

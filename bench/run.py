@@ -14,6 +14,7 @@ import torch
 # Each module exposes run() -> str (a Markdown section with the command that reproduces it).
 MODULES = (
     "bench.demo",
+    "bench.embedded_studies",
     "bench.pretrain_step",
     "bench.decode",
     "bench.end_to_end",
