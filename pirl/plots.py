@@ -39,37 +39,50 @@ def plot_learning_curve(
     def measured(key: str) -> list[tuple[int, float]]:
         return [(e, float(r[key])) for e, r in zip(epochs, rows, strict=True) if r.get(key)]
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for key, style, label in (
-        ("loss", "o-", "loss"),
-        ("patch_loss", "v--", "patch term (g)"),
-        ("image_loss", "^--", "image term (f)"),
+    monitored = measured("knn_top1")
+    fig, axes = plt.subplots(
+        1, 2 if monitored else 1, figsize=(11 if monitored else 6.4, 3.8), sharex=True
+    )
+    ax = axes[0] if monitored else axes
+    for key, style, colour, label in (
+        ("loss", "o-", "C0", "loss"),
+        ("patch_loss", "v--", "C3", "patch term (g)"),
+        ("image_loss", "^--", "C4", "image term (f)"),
     ):
         points = measured(key)
         if points:
-            ax.plot(*zip(*points, strict=True), style, color="C0", ms=3, label=label)
+            ax.plot(*zip(*points, strict=True), style, color=colour, ms=3, label=label)
     if chance is not None:
-        ax.axhline(chance, color="C0", ls=":", label=f"loss at chance ({chance:.2f})")
+        ax.axhline(chance, color="k", ls=":", label=f"chance, every term ({chance:.2f})")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("training loss", color="C0")
-    handles, labels = ax.get_legend_handles_labels()
-    right = None
-    for key, colour, label, floor, floor_label in (
-        ("knn_top1", "C1", "kNN top-1 (k=20)", random_knn, "untrained trunk"),
-        ("fg_retrieval", "C2", "g finds own f", random_retrieval, "untrained heads"),
-    ):
-        points = measured(key)
-        if not points:
-            continue
-        right = right or ax.twinx()
-        right.plot(*zip(*points, strict=True), "s-", color=colour, ms=3, label=label)
-        if floor is not None:
-            right.axhline(floor, color=colour, ls=":", label=f"{floor_label} ({floor:.1f})")
-    if right is not None:
-        right.set_ylabel("top-1 / retrieval (%)")
-        more = right.get_legend_handles_labels()
-        handles, labels = handles + more[0], labels + more[1]
-    ax.legend(handles, labels, loc="best", fontsize=7)
-    ax.set_title(Path(metrics).parent.name)
+    ax.set_ylabel("training loss")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(f"{Path(metrics).parent.name}: loss")
+    if monitored:
+        right = axes[1]
+        right.plot(*zip(*monitored, strict=True), "s-", color="C1", ms=3, label="kNN top-1 (k=20)")
+        if random_knn is not None:
+            right.axhline(random_knn, color="C1", ls=":", label=f"untrained ({random_knn:.1f})")
+        right.set_xlabel("epoch")
+        right.xaxis.set_major_locator(MaxNLocator(integer=True))
+        right.set_ylabel("kNN top-1 (%)", color="C1")
+        handles, labels = right.get_legend_handles_labels()
+        retrieval = measured("fg_retrieval")
+        if retrieval:  # its own axis: a few percent against kNN's tens
+            twin = right.twinx()
+            twin.plot(*zip(*retrieval, strict=True), "D-", color="C2", ms=3, label="g finds own f")
+            if random_retrieval is not None:
+                twin.axhline(
+                    random_retrieval,
+                    color="C2",
+                    ls=":",
+                    label=f"untrained ({random_retrieval:.1f})",
+                )
+            twin.set_ylabel("g retrieves its own image's f (%)", color="C2")
+            twin.set_ylim(bottom=0)
+            more = twin.get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
+        right.legend(handles, labels, loc="best", fontsize=8)
+        right.set_title("held-out split: what it learned")
     return save_figure(fig, path)
