@@ -45,6 +45,7 @@ from pirl.errors import UserError
 from pirl.jigsaw import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PATCH_AUGMENTS,
     PHOTOMETRIC_P,
     POSTERIZE_BITS,
     SHARPNESS_FACTORS,
@@ -68,6 +69,9 @@ class PhotometricSpec:
     photometric: float = PHOTOMETRIC_P
     grayscale: float = 0.2
     flip: float = 0.5
+
+
+NO_AUGMENTATION = PhotometricSpec(0, 0, 0, 0, photometric=0, grayscale=0, flip=0)
 
 
 @dataclass
@@ -615,11 +619,20 @@ class BatchAugment:
     """Main-process side: uint8 crops -> normalised image views and shuffled augmented patches.
 
     Random parameters come from a CPU generator (seed it per epoch for exact resume) and are
-    independent for every image and every patch.
+    independent for every image; for the patches, `patch_augment` (PATCH_AUGMENTS) says whether
+    each patch draws its own (the paper's), the nine of an image share one draw, or none is
+    applied (only the normalisation).
     """
 
-    def __init__(self, geometry: JigsawGeometry, spec: PhotometricSpec = PhotometricSpec()):
-        self.geometry, self.spec = geometry, spec
+    def __init__(
+        self,
+        geometry: JigsawGeometry,
+        spec: PhotometricSpec = PhotometricSpec(),
+        patch_augment: str = "independent",
+    ):
+        if patch_augment not in PATCH_AUGMENTS:
+            raise ValueError(f"patch_augment {patch_augment!r}: choose from {PATCH_AUGMENTS}")
+        self.geometry, self.spec, self.patch_augment = geometry, spec, patch_augment
 
     def __call__(
         self,
@@ -635,6 +648,18 @@ class BatchAugment:
             return out, None, None
         offsets, perm = jigsaw_draw(batch, self.geometry, generator)
         patches = cut_jigsaw(sources, self.geometry, offsets, perm).flatten(0, 1)
-        params = draw_params(len(patches), self.spec, generator).to(dev)
+        params = self.patch_params(batch, generator).to(dev)
         patches = photometric(patches, params).unflatten(0, (batch, self.geometry.num_patches))
         return out, patches, perm
+
+    def patch_params(self, batch: int, generator: torch.Generator | None) -> PhotometricParams:
+        """Parameters of the batch's 9 x B patches, image-major, as patch_augment says."""
+        n = self.geometry.num_patches
+        if self.patch_augment == "independent":
+            return draw_params(batch * n, self.spec, generator)
+        if self.patch_augment == "none":
+            return draw_params(batch * n, NO_AUGMENTATION, generator)
+        one = draw_params(batch, self.spec, generator)
+        return PhotometricParams(
+            *(getattr(one, k).repeat_interleave(n, 0) for k in one.__dataclass_fields__)
+        )

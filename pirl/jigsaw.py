@@ -16,6 +16,9 @@ PHOTOMETRIC_P = 0.66
 POSTERIZE_BITS = (4, 8)  # both ends drawn: randint(4, 9)
 SHARPNESS_FACTORS = (0.1, 1.9)  # continuous uniform, upper end excluded
 SOLARIZE_THRESHOLDS = (0, 256)  # both ends drawn: randint(0, 257); 256 inverts nothing
+# How the nine patches of one image are augmented: each its own draw (VISSL's PIRL), one draw
+# shared by the nine, or none (cut and normalised only).
+PATCH_AUGMENTS = ("independent", "shared", "none")
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,9 @@ def photometric(hue: float = 0.2, photometric_p: float = PHOTOMETRIC_P) -> T.Com
 class PirlTransform:
     """PIL path: image view I and its jigsaw view I^t from independent random crops.
 
-    Returns (image (3,H,H), patches (9,3,P,P), perm (9,)) with each patch augmented on its own;
-    without patches (NPID++) the last two are empty.
+    Returns (image (3,H,H), patches (9,3,P,P), perm (9,)) with each patch augmented as
+    patch_augment says (PATCH_AUGMENTS: its own draw, one draw for the nine, or none); without
+    patches (NPID++) the last two are empty.
     """
 
     def __init__(
@@ -142,11 +146,16 @@ class PirlTransform:
         image_scale: float = 0.08,
         hue: float = 0.2,
         photometric_p: float = PHOTOMETRIC_P,
+        patch_augment: str = "independent",
     ) -> None:
+        if patch_augment not in PATCH_AUGMENTS:
+            raise ValueError(f"patch_augment {patch_augment!r}: choose from {PATCH_AUGMENTS}")
         self.geometry, self.with_patches = geometry, with_patches
         self.image_crop = T.RandomResizedCrop(geometry.image_size, scale=(image_scale, 1.0))
         self.source_crop = T.RandomResizedCrop(geometry.source_size, scale=(0.6, 1.0))
         self.augment = photometric(hue, photometric_p)
+        self.patch_augment = patch_augment
+        self.normalise = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         g = self.geometry
@@ -157,5 +166,13 @@ class PirlTransform:
         perm = torch.randperm(g.num_patches)
         boxes = patch_boxes(g, random_offsets(g)).tolist()
         cells = [source.crop((x0, y0, x1, y1)) for y0, x0, y1, x1 in boxes]
-        patches = torch.stack([self.augment(cells[int(k)]) for k in perm])
-        return image, patches, perm
+        if self.patch_augment == "none":
+            return image, torch.stack([self.normalise(cells[int(k)]) for k in perm]), perm
+        if self.patch_augment == "independent":
+            return image, torch.stack([self.augment(cells[int(k)]) for k in perm]), perm
+        state = torch.get_rng_state()  # shared: every patch replays the first patch's draws
+        patches = []
+        for k in perm:
+            torch.set_rng_state(state)
+            patches.append(self.augment(cells[int(k)]))
+        return image, torch.stack(patches), perm

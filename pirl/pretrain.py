@@ -59,7 +59,7 @@ from pirl.engine import (
 from pirl.errors import UserError
 from pirl.heads import PirlHeads
 from pirl.invariance import JigsawViews, heads_invariance
-from pirl.jigsaw import JigsawGeometry, PirlTransform
+from pirl.jigsaw import PATCH_AUGMENTS, JigsawGeometry, PirlTransform
 from pirl.jigsaw_pretext import JigsawTrainer
 from pirl.knn import trunk_knn
 from pirl.memory import BANK_DTYPES, MemoryBank
@@ -91,10 +91,12 @@ PAPER = {
     "batch_size": 1024,
     "num_negatives": 32000,
     "loss": "nce",
+    "temperature": 0.07,
     "eval_every": 0,
     "crop_scale": 0.08,
     "hue": 0.2,
     "photometric": PHOTOMETRIC_P,
+    "patch_augment": "independent",
 }
 # 1,437 images: a bank refreshed every 22 steps with a random net's near-collinear embeddings
 # makes NCE's fixed Z blow up on so short a run, so the demo uses InfoNCE and fewer negatives.
@@ -106,11 +108,13 @@ EMBEDDED = {
     "batch_size": 64,
     "num_negatives": 1024,
     "loss": "infonce",
+    "temperature": 0.2,
     "lr": 0.06,
     "eval_every": 10,
     "crop_scale": 0.5,
     "hue": 0.0,
     "photometric": 0.0,
+    "patch_augment": "none",
 }
 # metrics.csv's loss columns: the total, and PIRL's two terms on their own (empty where a method
 # has no such term: NPID++ has no patch term, the Jigsaw baseline neither).
@@ -120,7 +124,7 @@ TERMS = ("loss", "patch_loss", "image_loss")
 # is VISSL's Jigsaw augmentation, which has none of AUGMENT_KEYS.
 JIGSAW_PAPER = {"epochs": 105, "batch_size": 256, "lr_schedule": "steps"}
 JIGSAW_EMBEDDED = {"lr_schedule": "steps"}
-AUGMENT_KEYS = ("crop_scale", "hue", "photometric")
+AUGMENT_KEYS = ("crop_scale", "hue", "photometric", "patch_augment")
 LR_SCHEDULES = ("cosine", "steps")
 # VISSL's Jigsaw schedule, as fractions of its 105 epochs: a linear warm-up from a quarter of the
 # LR over the first 5, then the LR divided by 10 at epochs 30, 60, 90 and 100.
@@ -151,7 +155,7 @@ class PretrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     num_negatives: int | None = None
-    temperature: float = 0.07
+    temperature: float | None = None
     lam: float | None = None
     loss: str | None = None
     z_momentum: float = 0.0
@@ -161,6 +165,7 @@ class PretrainConfig:
     crop_scale: float | None = None  # smallest area fraction of the image view's random crop
     hue: float | None = None  # colour jitter's hue range (brightness/contrast/saturation 0.4)
     photometric: float | None = None  # probability of VISSL's random photometric ops
+    patch_augment: str | None = None  # each patch its own draw (VISSL), one per image, or none
     seed: int = 0
     device: str = "auto"
     num_workers: int = 2
@@ -218,6 +223,10 @@ class PretrainConfig:
             cfg.lr = (0.1 if cfg.method == "jigsaw" else 0.03) * cfg.batch_size / 256
         if cfg.lr_schedule not in LR_SCHEDULES:
             raise UserError(f"--lr-schedule {cfg.lr_schedule}: choose from {list(LR_SCHEDULES)}")
+        if cfg.method != "jigsaw" and cfg.patch_augment not in PATCH_AUGMENTS:
+            raise UserError(
+                f"--patch-augment {cfg.patch_augment}: choose from {list(PATCH_AUGMENTS)}"
+            )
         if cfg.augment not in AUGMENTS:
             raise UserError(f"--augment {cfg.augment}: choose from {list(AUGMENTS)}")
         if cfg.decode not in DECODES:
@@ -343,7 +352,7 @@ class PirlTrainer(PretextTrainer):
         if cfg.augment == "batched":
             geometry = JigsawGeometry.for_image_size(cfg.image_size)
             spec = PhotometricSpec(hue=cfg.hue, photometric=cfg.photometric)
-            trainer.augment = BatchAugment(geometry, spec)
+            trainer.augment = BatchAugment(geometry, spec, cfg.patch_augment)
             if cfg.decode == "gpu":
                 require_gpu_decode(device)
                 crops = CropTransform(geometry, cfg.lam > 0, cfg.crop_scale)
@@ -370,7 +379,9 @@ class PirlTrainer(PretextTrainer):
         cfg = self.cfg
         geometry = JigsawGeometry.for_image_size(cfg.image_size)
         if cfg.augment == "pil":
-            return PirlTransform(geometry, cfg.lam > 0, cfg.crop_scale, cfg.hue, cfg.photometric)
+            return PirlTransform(
+                geometry, cfg.lam > 0, cfg.crop_scale, cfg.hue, cfg.photometric, cfg.patch_augment
+            )
         if self.device_decode is not None:  # workers read bytes and draw boxes; nvJPEG decodes
             return EncodedTransform(geometry, cfg.lam > 0, cfg.crop_scale)
         return CropTransform(geometry, cfg.lam > 0, cfg.crop_scale)

@@ -95,12 +95,25 @@ from pirl_tools.options import (
     help="Probability of VISSL's random photometric ops " + embedded_default(0.66, 0),
 )
 @click.option(
+    "--patch-augment",
+    type=click.Choice(["independent", "shared", "none"]),
+    default=None,
+    help="The jigsaw patches' colour jitter, grayscale, flip (and photometric ops): each patch "
+    "its own draw, one draw for an image's nine, or none "
+    + embedded_default("independent", "none"),
+)
+@click.option(
     "--num-negatives",
     type=int,
     default=None,
     help="Negatives per sample from the memory bank " + embedded_default(32000, 1024),
 )
-@click.option("--temperature", type=float, default=0.07, show_default=True)
+@click.option(
+    "--temperature",
+    type=float,
+    default=None,
+    help="Temperature of the contrastive terms " + embedded_default(0.07, 0.2),
+)
 @click.option("--lam", type=float, default=None, help="Weight of the patch term [method's].")
 @click.option(
     "--loss",

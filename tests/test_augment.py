@@ -18,6 +18,7 @@ from pirl.jigsaw import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     JigsawGeometry,
+    PirlTransform,
     RandomPhotometric,
     cut_patches,
     photometric,
@@ -338,6 +339,39 @@ def test_batch_augment_patches_are_independent_and_seeded() -> None:
         r = np.corrcoef(colour[:, a, 0].numpy(), colour[:, b, 0].numpy())[0, 1]
         assert abs(r) < 4 / math.sqrt(300), r
     assert abs(np.corrcoef(colour[:, 0, 0].numpy(), img.mean(dim=(2, 3))[:, 0].numpy())[0, 1]) < 0.2
+
+
+@pytest.mark.parametrize("path", ["batched", "pil"])
+def test_patch_augment_modes_share_or_skip_the_patches_draws(path: str) -> None:
+    """On a flat-colour image every patch of one image has one colour after augmentation: nine
+    different colours when each patch draws its own, one colour (different from the image's
+    view) when the nine share a draw, and the source's own colour, normalised, with none."""
+    geo = JigsawGeometry.for_image_size(32)
+    flat = Image.fromarray(np.tile(np.array([180, 90, 40], np.uint8), (48, 48, 1)))
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    source_colour = (torch.tensor([180, 90, 40]) / 255 - mean) / std
+    spec = A.PhotometricSpec(hue=0.2, photometric=0.0)
+    torch.manual_seed(0)
+    crops = [A.CropTransform(geo)(flat) for _ in range(8)]
+    images, sources = torch.stack([a for a, _ in crops]), torch.stack([b for _, b in crops])
+    for mode, distinct in (("independent", 9), ("shared", 1), ("none", 1)):
+        if path == "batched":
+            aug = A.BatchAugment(geo, spec, mode)
+            _, patches, _ = aug(images, sources, torch.Generator().manual_seed(3))
+        else:
+            torch.manual_seed(3)
+            t = PirlTransform(geo, patch_augment=mode, hue=0.2, photometric_p=0.0)
+            patches = torch.stack([t(flat)[1] for _ in range(8)])
+        colour = patches.mean(dim=(3, 4)).round(decimals=3)  # (8, 9, 3)
+        for s in colour:
+            assert len({tuple(c) for c in s.tolist()}) == distinct, mode
+        if mode == "none":
+            torch.testing.assert_close(colour, source_colour.expand_as(colour), atol=3e-3, rtol=0)
+        else:  # augmented: not the source's colour, and images differ from one another
+            assert (colour - source_colour).abs().amax() > 0.1
+            assert len({tuple(s[0].tolist()) for s in colour}) == len(colour)
+    with pytest.raises(ValueError, match="choose from"):
+        A.BatchAugment(geo, spec, "sometimes")
 
 
 def test_identity_spec_leaves_patches_in_their_cells() -> None:
