@@ -20,8 +20,8 @@ from pirl.knn import KS
 from pirl.tables import markdown_table
 from pirl.weights import load_encoder
 
-# The embedded demo's two models. Jigsaw uses 100 permutation classes rather than 1,000: its
-# 1,437 images give too few examples per permutation class to learn 1,000.
+# The embedded demo's two models. Jigsaw uses 100 permutation classes rather than 2,000: its
+# 1,437 images give too few examples per permutation class to learn 2,000.
 EMBEDDED_METHODS: dict[str, dict[str, Any]] = {"pirl": {}, "jigsaw": {"num_permutations": 100}}
 EMBEDDED_SIZE = 32
 
