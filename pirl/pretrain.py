@@ -643,11 +643,11 @@ def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
             run.save_checkpoint(state)
             if cfg.save_every and trainer.epoch % cfg.save_every == 0:
                 run.save_checkpoint(state, snapshot_name(trainer.epoch))
-            seen_so_far = dict.fromkeys(MONITORED)
+            monitored = dict.fromkeys(MONITORED)
             if monitor is not None and (
                 trainer.epoch % cfg.eval_every == 0 or trainer.epoch == cfg.epochs
             ):
-                seen_so_far.update(monitor(trainer.model.trunk, trainer.invariance_heads()))
+                monitored.update(monitor(trainer.model.trunk, trainer.invariance_heads()))
             row = {
                 "epoch": trainer.epoch,
                 "step": trainer.step,
@@ -656,7 +656,7 @@ def pretrain(cfg: PretrainConfig) -> PirlTrainer | JigsawTrainer:
                 "images_per_s": seen * world_size / seconds,
                 "seconds": round(seconds, 2),
                 "skipped_images": skipped,
-                **seen_so_far,
+                **monitored,
             }
             run.append_metrics(row)
             log.info(
