@@ -2,7 +2,8 @@
 analyses and its lambda ablation on the embedded set, with what each run learned.
 
 Both run from the repository root into a temporary OUT (the embedded set's cache is shared,
-so only the first run ever writes it). Reproduce: `python -m bench.run --only embedded_studies`.
+so only the first run ever writes it). Reproduce: `python -m bench.run --only paper_small
+lambda_sweep`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def learned(run: Path) -> dict[str, object]:
 
 
 def paper_small() -> str:
+    """The section of `make paper-small`."""
     with tempfile.TemporaryDirectory() as tmp:
         minutes, peak = timed_make("paper-small", Path(tmp))
         root = Path(tmp) / "paper-small"
@@ -69,6 +71,7 @@ def paper_small() -> str:
 
 
 def lambda_sweep() -> str:
+    """The section of `make lambda-sweep`."""
     with tempfile.TemporaryDirectory() as tmp:
         minutes, peak = timed_make("lambda-sweep", Path(tmp))
         table = (Path(tmp) / "lambda" / "lambda.md").read_text()
@@ -85,10 +88,5 @@ def lambda_sweep() -> str:
     )
 
 
-def run() -> str:
-    """Both sections, paper-small first."""
-    return paper_small() + "\n\n" + lambda_sweep()
-
-
 if __name__ == "__main__":
-    print(run())
+    print(paper_small() + "\n\n" + lambda_sweep())

@@ -11,10 +11,13 @@ from pathlib import Path
 
 import torch
 
-# Each module exposes run() -> str (a Markdown section with the command that reproduces it).
+# Each entry is a module whose run() -> str gives a Markdown section (with the command that
+# reproduces it), or module:function for a module with several sections; --only takes the
+# module's or the function's name.
 MODULES = (
     "bench.demo",
-    "bench.embedded_studies",
+    "bench.embedded_studies:paper_small",
+    "bench.embedded_studies:lambda_sweep",
     "bench.pretrain_step",
     "bench.decode",
     "bench.end_to_end",
@@ -66,7 +69,7 @@ def main() -> None:
     kept = sections_of(out.read_text()) if out.exists() else {}
     fresh: dict[str, str] = {}
     failed = []
-    known = {m.split(".")[-1]: m for m in MODULES}
+    known = {m.split(":")[-1].split(".")[-1]: m for m in MODULES}
     unknown = [n for n in args.only or () if n not in known]
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)}: choose from {', '.join(known)}")
@@ -75,7 +78,8 @@ def main() -> None:
     for name in chosen:
         print(f"running {name} ...", flush=True)
         try:
-            section = importlib.import_module(name).run()
+            module, _, function = name.partition(":")
+            section = getattr(importlib.import_module(module), function or "run")()
         except Exception:  # one broken benchmark must not lose the others' figures
             traceback.print_exc()
             failed.append(name)
