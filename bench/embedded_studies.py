@@ -45,11 +45,9 @@ def paper_small() -> str:
         minutes, peak = timed_make("paper-small", Path(tmp))
         root = Path(tmp) / "paper-small"
         runs = pd.DataFrame([learned(root / m) for m in ("pirl", "npid", "jigsaw")])
-        claims = [
-            line
-            for line in (root / "report.md").read_text().splitlines()
-            if line.endswith(("| holds |", "| does not hold |"))
-        ]
+        report = (root / "report.md").read_text().splitlines()
+        claims = [line for line in report if line.endswith(("| holds |", "| does not hold |"))]
+        causes = [line for line in report if line.startswith("- ")]
     return "\n".join(
         [
             "## make paper-small (bench/embedded_studies.py)",
@@ -66,6 +64,11 @@ def paper_small() -> str:
             "| claim | here | verdict |",
             "|---|---|---|",
             *claims,
+            *(
+                ["", "What report.md measured where a claim does not hold:", "", *causes]
+                if causes
+                else []
+            ),
         ]
     )
 
