@@ -97,6 +97,7 @@ PAPER = {
     "hue": 0.2,
     "photometric": PHOTOMETRIC_P,
     "patch_augment": "independent",
+    "bank_init_ranks": 32,  # the paper's run: 32 GPUs
 }
 # 1,437 images: a bank refreshed every 22 steps with a random net's near-collinear embeddings
 # makes NCE's fixed Z blow up on so short a run, so the demo uses InfoNCE and fewer negatives.
@@ -115,6 +116,7 @@ EMBEDDED = {
     "hue": 0.0,
     "photometric": 0.0,
     "patch_augment": "none",
+    "bank_init_ranks": 1,
 }
 # metrics.csv's loss columns: the total, and PIRL's two terms on their own (empty where a method
 # has no such term: NPID++ has no patch term, the Jigsaw baseline neither).
@@ -160,6 +162,7 @@ class PretrainConfig:
     loss: str | None = None
     z_momentum: float = 0.0
     bank_momentum: float = 0.5
+    bank_init_ranks: int | None = None  # the starting bank of VISSL on this many GPUs
     embed_dim: int = 128
     num_permutations: int = 2000  # jigsaw: size of the maximal-Hamming permutation set
     crop_scale: float | None = None  # smallest area fraction of the image view's random crop
@@ -246,6 +249,7 @@ class PretrainConfig:
             num_negatives=cfg.num_negatives,
             image_size=cfg.image_size,
             embed_dim=cfg.embed_dim,
+            bank_init_ranks=cfg.bank_init_ranks,
         )
         require_at_least(
             0, num_workers=cfg.num_workers, eval_every=cfg.eval_every, save_every=cfg.save_every
@@ -328,7 +332,9 @@ class PirlTrainer(PretextTrainer):
         heads = PirlHeads(trunk.out_dim, cfg.embed_dim)
         model = PirlModel(trunk, heads, cfg.patch_bn_stats).to(device)
         dtype = BANK_DTYPES[cfg.bank_dtype]
-        memory = MemoryBank(data_size, cfg.embed_dim, cfg.bank_momentum, cfg.seed, dtype).to(device)
+        memory = MemoryBank(
+            data_size, cfg.embed_dim, cfg.bank_momentum, cfg.seed, dtype, cfg.bank_init_ranks
+        ).to(device)
         criterion = PirlLoss(
             memory,
             cfg.num_negatives,

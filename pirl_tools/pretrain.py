@@ -179,6 +179,15 @@ from pirl_tools.options import (
     "does: one gather of N bank rows instead of B*N, much cheaper.",
 )
 @click.option(
+    "--bank-init-ranks",
+    type=int,
+    default=None,
+    help="The starting memory bank as VISSL's on N GPUs: each row the mean of N random unit "
+    "rows (VISSL averages its ranks' random banks), which sets NCE's fixed Z; 1: unit rows "
+    + embedded_default(32, 1)
+    + ".",
+)
+@click.option(
     "--bank-dtype",
     type=click.Choice(["float32", "float16", "bfloat16"]),
     default="float32",
