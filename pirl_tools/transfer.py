@@ -286,7 +286,12 @@ def table2(
     multiple=True,
     help="Epochs at which the LR drops 10x, repeatable [30/70 of --epochs].",
 )
-@click.option("--lr", type=float, default=0.01, show_default=True, help="Trunk LR.")
+@click.option(
+    "--lr",
+    type=float,
+    default=None,
+    help="Trunk LR " + embedded_default("0.01 x batch / 256", 0.01) + ".",
+)
 @click.option("--head-lr", type=float, default=None, help="Classifier LR [--lr].")
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
 @click.option("--nesterov/--no-nesterov", default=True, show_default=True)
