@@ -94,7 +94,8 @@ def _named_weights(name_key: str) -> Any:
     type=click.Choice(["float16", "float32"]),
     default="float16",
     show_default=True,
-    help="Storage of cached features.",
+    help="float16: features computed under float16 autocast on a GPU and cached in float16 "
+    "(relative error about 5e-4); float32: computed and cached in float32, the reference's.",
 )
 @click.option(
     "--features",
