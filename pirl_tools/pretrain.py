@@ -103,6 +103,13 @@ from pirl_tools.options import (
     + embedded_default("independent", "none"),
 )
 @click.option(
+    "--npid-augment",
+    type=click.Choice(["vissl", "pirl"]),
+    default=None,
+    help="npid: VISSL's NPID++ augmentation (jitter with hue 0.4 before the crop, flip; no "
+    "grayscale or photometric ops) or PIRL's image view " + embedded_default("vissl", "pirl"),
+)
+@click.option(
     "--num-negatives",
     type=int,
     default=None,
