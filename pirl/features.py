@@ -163,9 +163,11 @@ class FeatureExtractor:
         layer: str = "res5",
         device: str | torch.device = "auto",
         grid: int | None = None,
+        amp: bool = True,
     ) -> FeatureExtractor:
-        """An extractor whose cache is keyed on the encoder's weights, not on how it was named."""
-        return cls(encoder.trunk, layer, device, grid=grid, identity=encoder.fingerprint)
+        """An extractor whose cache is keyed on the encoder's weights, not on how it was named
+        (amp: float16 autocast on CUDA; off, the reference's float32 features)."""
+        return cls(encoder.trunk, layer, device, amp, grid=grid, identity=encoder.fingerprint)
 
     def at(self, layer: str) -> FeatureExtractor:
         """The same frozen trunk, device and weights identity at another layer (its own cache

@@ -19,6 +19,7 @@ SOLARIZE_THRESHOLDS = (0, 256)  # both ends drawn: randint(0, 257); 256 inverts 
 # How the nine patches of one image are augmented: each its own draw (VISSL's PIRL), one draw
 # shared by the nine, or none (cut and normalised only).
 PATCH_AUGMENTS = ("independent", "shared", "none")
+NPID_HUE = 0.4  # VISSL's NPID++ jitter (PIRL's is 0.2)
 
 
 @dataclass(frozen=True)
@@ -176,3 +177,24 @@ class PirlTransform:
             torch.set_rng_state(state)
             patches.append(self.augment(cells[int(k)]))
         return image, torch.stack(patches), perm
+
+
+class NpidTransform:
+    """VISSL's NPID++ view (npid++_4nodes_resnet.yaml): ColorJitter(0.4, 0.4, 0.4, hue 0.4) on
+    the whole image, then RandomResizedCrop, a horizontal flip and ImageNet normalisation; no
+    grayscale and no photometric ops. Returns (image (3,H,H), empty, empty), as PirlTransform
+    does without patches."""
+
+    def __init__(self, image_size: int, image_scale: float = 0.08) -> None:
+        self.view = T.Compose(
+            [
+                T.ColorJitter(0.4, 0.4, 0.4, NPID_HUE),
+                T.RandomResizedCrop(image_size, scale=(image_scale, 1.0)),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.view(img), torch.empty(0), torch.empty(0, dtype=torch.long)

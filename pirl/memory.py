@@ -11,6 +11,7 @@ from torch import nn
 
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INIT_ROWS = 1 << 16  # rows per independently seeded init chunk (same bank for any thread count)
+PRIME = 1_000_000_007  # separates the init streams of the simulated ranks
 DENSE_GPU = 1 << 30  # most (B, |D|) scores computed densely on a GPU (4 GB in float32)
 
 
@@ -38,6 +39,12 @@ def sorted_uniform(
 class MemoryBank(nn.Module):
     """m_i <- normalize(momentum * m_i + (1 - momentum) * f(v_i)), no gradient (PIRL sec. 3.2).
 
+    The starting bank is VISSL's on init_ranks GPUs: each of its ranks draws its own random
+    unit rows (uniform in a cube, normalised) and the first forward averages the ranks' banks
+    (`sync_memory`), so on 32 GPUs a starting row has norm about 1 / sqrt(32) = 0.18, which
+    sets NCE's fixed Z (Z / |D| about 1.03, against 2.2 from unit rows). Every rank here builds
+    that same average from the seed, whatever the world size: no communication.
+
     Under DDP every rank holds a full replica and applies the (index, f) updates gathered from
     all ranks in rank order, so the replicas stay identical. The bank may be stored in float16
     or bfloat16 (half the memory); every mix and normalisation is done in float32.
@@ -50,15 +57,22 @@ class MemoryBank(nn.Module):
         momentum: float = 0.5,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        init_ranks: int = 1,
     ) -> None:
         super().__init__()
         self.momentum = momentum
         self.register_buffer("bank", torch.empty(size, dim, dtype=dtype))
 
-        def init(start: int) -> None:  # uniform in [-1, 1), normalised; chunks in parallel
-            g = torch.Generator().manual_seed(seed * 1_000_003 + start // INIT_ROWS)
-            rows = torch.empty(min(INIT_ROWS, size - start), dim).uniform_(-1, 1, generator=g)
-            self.bank[start : start + len(rows)] = rows.div_(rows.norm(dim=1, keepdim=True))
+        def init(start: int) -> None:
+            """Rows start .. start + INIT_ROWS: the mean of init_ranks independent unit rows,
+            each uniform in [-1, 1) and normalised (chunks in parallel)."""
+            n = min(INIT_ROWS, size - start)
+            total = torch.zeros(n, dim)
+            for r in range(init_ranks):  # rank 0's stream is the one a single bank always had
+                g = torch.Generator().manual_seed(seed * 1_000_003 + start // INIT_ROWS + r * PRIME)
+                rows = torch.empty(n, dim).uniform_(-1, 1, generator=g)
+                total += rows.div_(rows.norm(dim=1, keepdim=True))
+            self.bank[start : start + n] = total.div_(init_ranks)
 
         with ThreadPoolExecutor(torch.get_num_threads()) as pool:
             list(pool.map(init, range(0, size, INIT_ROWS)))

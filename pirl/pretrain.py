@@ -59,7 +59,7 @@ from pirl.engine import (
 from pirl.errors import UserError
 from pirl.heads import PirlHeads
 from pirl.invariance import JigsawViews, heads_invariance
-from pirl.jigsaw import PATCH_AUGMENTS, JigsawGeometry, PirlTransform
+from pirl.jigsaw import PATCH_AUGMENTS, JigsawGeometry, NpidTransform, PirlTransform
 from pirl.jigsaw_pretext import JigsawTrainer
 from pirl.knn import trunk_knn
 from pirl.memory import BANK_DTYPES, MemoryBank
@@ -97,6 +97,7 @@ PAPER = {
     "hue": 0.2,
     "photometric": PHOTOMETRIC_P,
     "patch_augment": "independent",
+    "bank_init_ranks": 32,  # the paper's run: 32 GPUs
 }
 # 1,437 images: a bank refreshed every 22 steps with a random net's near-collinear embeddings
 # makes NCE's fixed Z blow up on so short a run, so the demo uses InfoNCE and fewer negatives.
@@ -115,6 +116,7 @@ EMBEDDED = {
     "hue": 0.0,
     "photometric": 0.0,
     "patch_augment": "none",
+    "bank_init_ranks": 1,
 }
 # metrics.csv's loss columns: the total, and PIRL's two terms on their own (empty where a method
 # has no such term: NPID++ has no patch term, the Jigsaw baseline neither).
@@ -126,6 +128,10 @@ JIGSAW_PAPER = {"epochs": 105, "batch_size": 256, "lr_schedule": "steps"}
 JIGSAW_EMBEDDED = {"lr_schedule": "steps"}
 AUGMENT_KEYS = ("crop_scale", "hue", "photometric", "patch_augment")
 LR_SCHEDULES = ("cosine", "steps")
+# NPID++'s augmentation: VISSL's NPID++ config's (the default with --data), or PIRL's image view
+# (the default without: the embedded recipe's colour settings hold for it too).
+NPID_AUGMENTS = ("vissl", "pirl")
+NPID_DEFAULT = {True: "vissl", False: "pirl"}
 # VISSL's Jigsaw schedule, as fractions of its 105 epochs: a linear warm-up from a quarter of the
 # LR over the first 5, then the LR divided by 10 at epochs 30, 60, 90 and 100.
 WARMUP, WARMUP_START = 5 / 105, 0.25
@@ -160,12 +166,14 @@ class PretrainConfig:
     loss: str | None = None
     z_momentum: float = 0.0
     bank_momentum: float = 0.5
+    bank_init_ranks: int | None = None  # the starting bank of VISSL on this many GPUs
     embed_dim: int = 128
     num_permutations: int = 2000  # jigsaw: size of the maximal-Hamming permutation set
     crop_scale: float | None = None  # smallest area fraction of the image view's random crop
     hue: float | None = None  # colour jitter's hue range (brightness/contrast/saturation 0.4)
     photometric: float | None = None  # probability of VISSL's random photometric ops
     patch_augment: str | None = None  # each patch its own draw (VISSL), one per image, or none
+    npid_augment: str | None = None  # npid: VISSL's NPID++ augmentation, or PIRL's image view
     seed: int = 0
     device: str = "auto"
     num_workers: int = 2
@@ -203,6 +211,18 @@ class PretrainConfig:
             base.update(JIGSAW_PAPER if self.data else JIGSAW_EMBEDDED)
         else:
             base["lr_schedule"] = "cosine"
+        if (
+            self.method == "npid"
+            and (self.npid_augment or NPID_DEFAULT[bool(self.data)]) == "vissl"
+        ):
+            for key in ("hue", "photometric", "patch_augment"):
+                if getattr(self, key) is not None:
+                    raise UserError(
+                        f"--{key.replace('_', '-')} {getattr(self, key)}: NPID++ trains on VISSL's "
+                        "NPID++ augmentation (jitter with hue 0.4, crop, flip); "
+                        "--npid-augment pirl gives it PIRL's image view"
+                    )
+                del base[key]
         cfg = dataclasses.replace(self)
         for key, value in base.items():
             if getattr(cfg, key) is None:
@@ -223,15 +243,23 @@ class PretrainConfig:
             cfg.lr = (0.1 if cfg.method == "jigsaw" else 0.03) * cfg.batch_size / 256
         if cfg.lr_schedule not in LR_SCHEDULES:
             raise UserError(f"--lr-schedule {cfg.lr_schedule}: choose from {list(LR_SCHEDULES)}")
-        if cfg.method != "jigsaw" and cfg.patch_augment not in PATCH_AUGMENTS:
+        if cfg.patch_augment is not None and cfg.patch_augment not in PATCH_AUGMENTS:
             raise UserError(
                 f"--patch-augment {cfg.patch_augment}: choose from {list(PATCH_AUGMENTS)}"
             )
+        if cfg.method == "npid":
+            cfg.npid_augment = cfg.npid_augment or NPID_DEFAULT[bool(self.data)]
+            if cfg.npid_augment not in NPID_AUGMENTS:
+                raise UserError(
+                    f"--npid-augment {cfg.npid_augment}: choose from {list(NPID_AUGMENTS)}"
+                )
+        elif cfg.npid_augment is not None:
+            raise UserError(f"--npid-augment {cfg.npid_augment}: only for --method npid")
         if cfg.augment not in AUGMENTS:
             raise UserError(f"--augment {cfg.augment}: choose from {list(AUGMENTS)}")
         if cfg.decode not in DECODES:
             raise UserError(f"--decode {cfg.decode}: choose from {list(DECODES)}")
-        if cfg.decode == "gpu" and (cfg.augment != "batched" or cfg.method == "jigsaw"):
+        if cfg.decode == "gpu" and (not batched(cfg) or cfg.method == "jigsaw"):
             raise UserError(
                 "--decode gpu: only the batched augmentation of pirl/npid decodes there"
             )
@@ -246,6 +274,7 @@ class PretrainConfig:
             num_negatives=cfg.num_negatives,
             image_size=cfg.image_size,
             embed_dim=cfg.embed_dim,
+            bank_init_ranks=cfg.bank_init_ranks,
         )
         require_at_least(
             0, num_workers=cfg.num_workers, eval_every=cfg.eval_every, save_every=cfg.save_every
@@ -328,7 +357,9 @@ class PirlTrainer(PretextTrainer):
         heads = PirlHeads(trunk.out_dim, cfg.embed_dim)
         model = PirlModel(trunk, heads, cfg.patch_bn_stats).to(device)
         dtype = BANK_DTYPES[cfg.bank_dtype]
-        memory = MemoryBank(data_size, cfg.embed_dim, cfg.bank_momentum, cfg.seed, dtype).to(device)
+        memory = MemoryBank(
+            data_size, cfg.embed_dim, cfg.bank_momentum, cfg.seed, dtype, cfg.bank_init_ranks
+        ).to(device)
         criterion = PirlLoss(
             memory,
             cfg.num_negatives,
@@ -349,7 +380,7 @@ class PirlTrainer(PretextTrainer):
         trainer = cls(cfg, model, criterion, optimizer)
         trainer.memory = memory
         trainer.augment, trainer.device_decode = None, None
-        if cfg.augment == "batched":
+        if batched(cfg):
             geometry = JigsawGeometry.for_image_size(cfg.image_size)
             spec = PhotometricSpec(hue=cfg.hue, photometric=cfg.photometric)
             trainer.augment = BatchAugment(geometry, spec, cfg.patch_augment)
@@ -373,11 +404,13 @@ class PirlTrainer(PretextTrainer):
     def remember(self, idx: torch.Tensor, embedding: torch.Tensor) -> None:
         self.memory.update(idx, embedding)
 
-    def transform(self) -> CropTransform | EncodedTransform | PirlTransform:
+    def transform(self) -> CropTransform | EncodedTransform | PirlTransform | NpidTransform:
         """What the loader's workers make of each image: only the crops (batched augmentation
         on the device), or the whole per-image PIL pipeline."""
         cfg = self.cfg
         geometry = JigsawGeometry.for_image_size(cfg.image_size)
+        if cfg.npid_augment == "vissl":
+            return NpidTransform(cfg.image_size, cfg.crop_scale)
         if cfg.augment == "pil":
             return PirlTransform(
                 geometry, cfg.lam > 0, cfg.crop_scale, cfg.hue, cfg.photometric, cfg.patch_augment
@@ -528,10 +561,16 @@ class KnnMonitor:
         return 100.0 / len(self.splits[1])
 
 
+def batched(cfg: PretrainConfig) -> bool:
+    """Whether the views are augmented on the device in batches (pirl/augment.py): PIRL's
+    augmentation with --augment batched; NPID++'s reference augmentation runs per image."""
+    return cfg.augment == "batched" and cfg.npid_augment != "vissl"
+
+
 def decoding(cfg: PretrainConfig) -> str:
     """Where this invocation decodes its JPEGs, --decode auto resolved (run.json records it:
     it may differ between a run and its resume)."""
-    if cfg.method == "jigsaw" or cfg.augment == "pil":
+    if cfg.method == "jigsaw" or not batched(cfg):
         return "workers: PIL"
     return "gpu: nvJPEG" if cfg.decode == "gpu" else "workers: libjpeg-turbo"
 

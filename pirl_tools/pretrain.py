@@ -103,6 +103,13 @@ from pirl_tools.options import (
     + embedded_default("independent", "none"),
 )
 @click.option(
+    "--npid-augment",
+    type=click.Choice(["vissl", "pirl"]),
+    default=None,
+    help="npid: VISSL's NPID++ augmentation (jitter with hue 0.4 before the crop, flip; no "
+    "grayscale or photometric ops) or PIRL's image view " + embedded_default("vissl", "pirl"),
+)
+@click.option(
     "--num-negatives",
     type=int,
     default=None,
@@ -177,6 +184,15 @@ from pirl_tools.options import (
     is_flag=True,
     help="Draw one set of negatives per batch (and term) instead of one per sample as VISSL "
     "does: one gather of N bank rows instead of B*N, much cheaper.",
+)
+@click.option(
+    "--bank-init-ranks",
+    type=int,
+    default=None,
+    help="The starting memory bank as VISSL's on N GPUs: each row the mean of N random unit "
+    "rows (VISSL averages its ranks' random banks), which sets NCE's fixed Z; 1: unit rows "
+    + embedded_default(32, 1)
+    + ".",
 )
 @click.option(
     "--bank-dtype",

@@ -203,3 +203,25 @@ def test_several_layers_come_from_one_pass_and_equal_each_layer_alone(tmp_path):
         np.testing.assert_array_equal(together[layer], hit)
         np.testing.assert_array_equal(together[layer], alone)
     assert len(calls) == 3 + 4 * 3  # the hits ran nothing; the uncached runs 3 batches each
+
+
+@pytest.mark.parametrize("dtype, amp", [("float16", True), ("float32", False)])
+def test_float32_features_are_computed_in_float32_too(monkeypatch, dtype: str, amp: bool) -> None:
+    """--feature-dtype float32 means the reference's features: no float16 autocast on a GPU
+    either (the CPU never autocasts, so the request itself is what is checked)."""
+    import transfer.linear_probe as lp
+
+    asked = {}
+
+    class Stop(Exception):
+        pass
+
+    def for_encoder(encoder, layer, device, amp=True):
+        asked["amp"] = amp
+        raise Stop
+
+    monkeypatch.setattr(lp.FeatureExtractor, "for_encoder", for_encoder)
+    with pytest.raises(Stop):
+        lp.run_linear("random:resnet18@0.125", "imagenet", None, "res5", device="cpu",
+                      feature_dtype=dtype, image_size=32)  # fmt: skip
+    assert asked["amp"] is amp

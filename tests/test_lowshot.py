@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from sklearn.metrics import top_k_accuracy_score
 from pirl.data import list_images
 from pirl.errors import UserError
 from pirl.tables import markdown_table
+from pirl.trunk import build_trunk
 from pirl.weights import load_encoder
 from pirl_tools.transfer import lowshot
 from transfer.lowshot import (
@@ -205,6 +207,28 @@ def test_paper_schedule_scales_with_epochs(tmp_path):
     ]
 
 
+def test_lr_scales_with_the_batch_as_vissls_auto_scale(tmp_path):
+    """VISSL's semi-supervised config: base 0.01 per 256 images, auto_scale on; the embedded
+    recipe keeps 0.01 at its batch of 64; an explicit --lr is kept."""
+    for batch, lr in ((256, 0.01), (512, 0.02), (32, 0.00125)):
+        cfg = LowshotConfig(data=str(tmp_path), batch_size=batch).resolved()
+        assert cfg.lr == pytest.approx(lr) and cfg.head_lr == pytest.approx(lr)
+    assert LowshotConfig().resolved().lr == 0.01
+    assert LowshotConfig(data=str(tmp_path), batch_size=512, lr=0.3).resolved().lr == 0.3
+
+
+def test_classifier_keeps_pytorchs_default_init():
+    """VISSL's mlp head keeps nn.Linear's initialisation: weights and bias uniform within
+    1 / sqrt(fan_in) (kaiming_uniform with a = sqrt(5)), the bias not zero."""
+    torch.manual_seed(0)
+    net = FineTuneNet(build_trunk("resnet18", 0.125), 10)
+    bound = 1 / math.sqrt(net.fc.in_features)
+    for p in (net.fc.weight, net.fc.bias):
+        assert p.abs().max() <= bound and p.abs().max() > 0.8 * bound
+    # uniform on [-b, b] has standard deviation b / sqrt(3)
+    assert net.fc.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -328,7 +352,7 @@ def test_cli_writes_runs_subset_and_table(photos, trained, tmp_path, monkeypatch
     assert res["per_class"] == per_class
     assert set(res["short_classes"]) == set(PHOTOS)  # fewer than 200 of each
     assert res["short_classes"]["coffee"] == {"asked": 200, "available": 45}
-    assert json.loads((run / "config.json").read_text())["lr"] == 0.01
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.01 * 64 / 256  # auto_scale
     md = (tmp_path / "runs" / "table3.md").read_text()
     assert "| Method | 10% |" in md and "| mine |" in md and "| random:resnet18@0.125 |" in md
     # A run's config.json, read back with --config, asks for the same fine-tuning.

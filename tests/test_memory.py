@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,3 +136,45 @@ def test_sorted_uniform_is_sorted_uniform_and_independent_of_the_sort() -> None:
     se = high * (k * (n + 1 - k) / ((n + 1) ** 2 * (n + 2) * reps)).sqrt()
     for got in (draws, ref):  # the test itself holds for the reference
         assert bool(((got.double().mean(0) - want).abs() < 5 * se + 0.01).all())
+
+
+@pytest.mark.parametrize("world", [1, 8, 32])
+def test_first_step_z_matches_vissls_bank_averaged_over_its_ranks(world: int) -> None:
+    """VISSL's procedure, simulated: each of `world` ranks fills its bank uniformly in
+    [-stdv, stdv) with stdv = 1 / sqrt(d / 3) and normalises the rows (init_memory with
+    norm_init); the first forward averages the ranks' banks (sync_memory, all_reduce_mean);
+    Z is then mean(exp(s / T)) x |D| (compute_partition_function). Our bank from init_ranks
+    gives the same Z: about 2.2 |D| from unit rows, 1.03 |D| on 32 GPUs (the issue's audit)."""
+    from pirl.nce import PirlLoss
+
+    n, d, t = 4000, 128, 0.07
+    gen = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(256, d, generator=gen), dim=1)
+    stdv = 1 / math.sqrt(d / 3)
+    ranks = [torch.rand(n, d, generator=gen) * 2 * stdv - stdv for _ in range(world)]
+    vissl = torch.stack([F.normalize(b, dim=1) for b in ranks]).mean(0)
+    memory = MemoryBank(n, d, seed=1, init_ranks=world)
+
+    def z_over_size(bank: torch.Tensor) -> float:  # over every row: no sampling noise
+        return torch.exp(z @ bank.T / t).mean().item()
+
+    ours = z_over_size(memory.bank)
+    assert ours == pytest.approx(z_over_size(vissl), rel=0.03)
+    assert ours == pytest.approx({1: 2.2, 8: 1.1, 32: 1.03}[world], rel=0.05)
+    expected_norm = vissl.norm(dim=1).mean().item()  # 1, 0.35, 0.18
+    assert memory.bank.norm(dim=1).mean().item() == pytest.approx(expected_norm, rel=0.02)
+    # the loss's own first-step Z, from 64 images' positives and 1,024 negatives each
+    loss = PirlLoss(memory, num_negatives=1024, temperature=t, lam=0.0, loss="nce")
+    loss(z[:64], None, torch.arange(64), torch.Generator().manual_seed(3))
+    first = math.exp(loss.criterion.log_z.item()) / n
+    assert first == pytest.approx(ours, rel=0.05)
+
+
+def test_one_rank_keeps_the_unit_bank_and_the_paper_recipe_starts_as_vissls_32_gpus() -> None:
+    from pirl.pretrain import PretrainConfig
+
+    bank = MemoryBank(300, 8, seed=2).bank
+    assert torch.equal(bank, MemoryBank(300, 8, seed=2, init_ranks=1).bank)
+    torch.testing.assert_close(bank.norm(dim=1), torch.ones(300))
+    assert PretrainConfig(data="x").resolved().bank_init_ranks == 32
+    assert PretrainConfig().resolved().bank_init_ranks == 1

@@ -496,3 +496,34 @@ def test_running_statistics_are_the_image_pass_unless_asked_to_blend(patch_bn_st
     expected = 0.1 * image_mean + (0.9 * 0.1 * patch_mean if patch_bn_stats else 0)
     torch.testing.assert_close(trunk.bn1.running_mean, expected)
     assert trunk.bn1.momentum == 0.1  # restored after the patch pass
+
+
+def test_npid_trains_on_vissls_npid_augmentation_with_data(tiny_folder: Path) -> None:
+    """VISSL's NPID++ config: ColorJitter(0.4, 0.4, 0.4, hue 0.4) before the crop, a flip, no
+    grayscale and no photometric ops, per image; --npid-augment pirl keeps PIRL's image view."""
+    from PIL import Image
+
+    from pirl.jigsaw import NpidTransform
+
+    cfg = PretrainConfig(data=str(tiny_folder), method="npid").resolved()
+    assert cfg.npid_augment == "vissl" and cfg.hue is None and cfg.photometric is None
+    trainer = train.make_trainer(cfg, 10, torch.device("cpu"))
+    transform = trainer.transform()
+    assert isinstance(transform, NpidTransform) and trainer.augment is None
+    assert train.decoding(cfg) == "workers: PIL"
+    flat = Image.new("RGB", (40, 40), (200, 40, 90))
+    torch.manual_seed(0)
+    views = torch.stack([transform(flat)[0] for _ in range(200)])
+    rgb = views.mean(dim=(2, 3))
+    assert ((rgb.amax(1) - rgb.amin(1)) > 1e-3).all()  # never grayscale (PIRL's: 20%)
+    hue_moved = (rgb.argmax(1) != rgb[0].argmax()).float().mean()  # hue 0.4 turns red away
+    assert hue_moved > 0.2
+    pirl_view = PretrainConfig(data=str(tiny_folder), method="npid", npid_augment="pirl")
+    assert type(train.make_trainer(pirl_view.resolved(), 10, torch.device("cpu")).transform()) is (
+        train.CropTransform
+    )
+    assert PretrainConfig(method="npid").resolved().npid_augment == "pirl"  # embedded
+    with pytest.raises(UserError, match="--hue 0.1: NPID..? trains on VISSL's NPID"):
+        PretrainConfig(data=str(tiny_folder), method="npid", hue=0.1).resolved()
+    with pytest.raises(UserError, match="--npid-augment vissl: only for --method npid"):
+        PretrainConfig(data=str(tiny_folder), npid_augment="vissl").resolved()

@@ -164,7 +164,8 @@ def run_linear(
     dev = resolve_device(device)
     train_split, test_split = (load_split(benchmark, data, s) for s in SPLITS[benchmark])
     encoder = load_encoder(weights, seed=seed)
-    ext = FeatureExtractor.for_encoder(encoder, layers[0], device=dev)
+    # float32 storage means the reference's features: float32 compute too (no fp16 autocast)
+    ext = FeatureExtractor.for_encoder(encoder, layers[0], dev, amp=feature_dtype == "float16")
     run = RunDir(out) if out is not None else None
     if run is not None:
         run.start(

@@ -1,8 +1,10 @@
 """Low-shot semi-supervised fine-tuning (the paper's Table 3): the whole network plus a linear
 classifier trained on a class-balanced 1% or 10% of the labels, top-1/top-5 on validation.
 
-Recipe (defaults): SGD Nesterov momentum 0.9, batch 256, LR 0.01 for trunk and head, decayed
-10x at epoch 30 of 70 (the milestone scales with --epochs), no weight decay,
+Recipe (defaults): SGD Nesterov momentum 0.9, batch 256, LR 0.01 x batch / 256 for trunk and
+head (VISSL's auto_scale; the embedded run keeps 0.01 at batch 64), the classifier with
+PyTorch's default initialisation, decayed 10x at epoch 30 of 70 (the milestone scales with
+--epochs), no weight decay,
 RandomResizedCrop + flip for training and Resize(256/224 x) + CenterCrop for validation.
 
 Subsets: class c with n_c training images contributes max(1, round_half_up(percent/100 n_c))
@@ -58,7 +60,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 # Published recipe and the small embedded default that runs in minutes on a CPU.
 PAPER = {"epochs": 70, "batch_size": 256, "image_size": 224}
-EMBEDDED = {"epochs": 30, "batch_size": 64, "image_size": 64}
+EMBEDDED = {"epochs": 30, "batch_size": 64, "image_size": 64, "lr": 0.01}
+LR_PER_256 = 0.01  # VISSL's semi-supervised base LR, scaled by batch / 256
 PAPER_MILESTONE = Fraction(30, 70)  # LR / 10 at epoch 30 of 70
 
 
@@ -202,9 +205,7 @@ class FineTuneNet(nn.Module):
     def __init__(self, trunk: Trunk, num_classes: int) -> None:
         super().__init__()
         self.trunk = trunk
-        self.fc = nn.Linear(trunk.out_dim, num_classes)
-        nn.init.normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
+        self.fc = nn.Linear(trunk.out_dim, num_classes)  # PyTorch's init, as VISSL's mlp keeps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.trunk.pooled(x))
@@ -250,7 +251,7 @@ class LowshotConfig:
     batch_size: int | None = None
     image_size: int | None = None
     min_crop: float = 0.08
-    lr: float = 0.01
+    lr: float | None = None  # 0.01 x batch / 256 (VISSL's auto_scale)
     head_lr: float | None = None
     momentum: float = 0.9
     nesterov: bool = True
@@ -273,6 +274,8 @@ class LowshotConfig:
         require_at_least(0, num_workers=cfg.num_workers)
         if cfg.data is None:
             cfg.data = str(embedded_root(cfg.image_size))
+        if cfg.lr is None:
+            cfg.lr = LR_PER_256 * cfg.batch_size / 256
         if cfg.head_lr is None:
             cfg.head_lr = cfg.lr
         if cfg.milestones is None:
