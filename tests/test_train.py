@@ -322,8 +322,8 @@ def retrieval_after_training(shuffle_pairs: bool, steps: int = 100) -> tuple[flo
     views = sources[:, :, 2:34, 2:34].contiguous()
     mild = PhotometricSpec(0, 0, 0, 0, photometric=0, grayscale=0)
     augment = BatchAugment(JigsawGeometry.for_image_size(32), mild)
-    cfg = train.PretrainConfig(
-        data="unused", **{**TINY, "num_negatives": 31}, loss="infonce", lr=0.06
+    cfg = train.PretrainConfig(  # unit starting rows, as the embedded recipe's
+        data="unused", **{**TINY, "num_negatives": 31}, loss="infonce", lr=0.06, bank_init_ranks=1
     ).resolved()
     trainer = train.make_trainer(cfg, 32, torch.device("cpu"))
     trainer.augment = None  # the views below come augmented
