@@ -6,7 +6,8 @@ The jigsaw view here is deterministic: the whole image resized to the patch sour
 shuffled by a seeded random permutation per image; no colour augmentation. Both representations
 are unit-normalised and compared by L2 distance (0 = invariant, sqrt(2) = orthogonal,
 2 = opposite) against the distance to the transforms of all other images, and by retrieval: how
-often the transform's nearest original is its own image.
+often the transform's nearest original is its own image. Each view goes through a copy of the
+trunk whose BN statistics are that view's, estimated on the analysed images (view_statistics).
 """
 
 from __future__ import annotations
