@@ -297,6 +297,8 @@ class PirlModel(nn.Module):
     def __init__(self, trunk: Trunk, heads: PirlHeads, patch_bn_stats: bool = False) -> None:
         super().__init__()
         self.trunk, self.heads, self.patch_bn_stats = trunk, heads, patch_bn_stats
+        # found once, not on every step (a plain list: not registered as submodules again)
+        self._norms = [m for m in trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def forward(
         self, images: torch.Tensor, patches: torch.Tensor | None
@@ -306,16 +308,17 @@ class PirlModel(nn.Module):
             flat = patches.flatten(0, 1)
             if flat.is_cuda:  # as the images (device_views): cuDNN's fast layout under AMP
                 flat = flat.contiguous(memory_format=torch.channels_last)
-            with contextlib.nullcontext() if self.patch_bn_stats else frozen_statistics(self.trunk):
+            with (
+                contextlib.nullcontext() if self.patch_bn_stats else frozen_statistics(self._norms)
+            ):
                 g = self.heads.g(self.trunk.pooled(flat))
         return self.heads.f(self.trunk.pooled(images)), g
 
 
 @contextlib.contextmanager
-def frozen_statistics(module: nn.Module) -> Iterator[None]:
-    """Inside, BN layers in training normalise by the batch but keep their running statistics
-    (momentum 0: running <- running)."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def frozen_statistics(norms: list[nn.Module]) -> Iterator[None]:
+    """Inside, these BN layers in training normalise by the batch but keep their running
+    statistics (momentum 0: running <- running)."""
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.momentum = 0.0
@@ -782,13 +785,8 @@ def summarize(
         results.get("random_knn_top1"),
         results.get("random_fg_retrieval"),
     )
-    terms = ", ".join(
-        f"{key.split('_')[0]} {results[f'final_{key}']:.3f}"
-        for key in TERMS[1:]
-        if f"final_{key}" in results
-    )
-    line = f"final loss {results['final_loss']:.3f}" + (f" ({terms})" if terms else "")
-    line += f", each against chance {chance:.3f}" if terms else f" (chance {chance:.3f})"
+    final = {key: results.get(f"final_{key}") for key in TERMS}
+    line = f"final {describe_losses(final)}; chance {chance:.3f} for every term"
     if monitor is not None:
         line += (
             f"; kNN top-1 {results['knn_top1']:.1f}% (untrained trunk "
