@@ -199,13 +199,13 @@ class PretrainConfig:
         """Fill every None from the paper (given --data) or the embedded default (no --data)."""
         base = dict(PAPER if self.data else EMBEDDED)
         if self.method == "jigsaw":
+            refuse_given(
+                self,
+                AUGMENT_KEYS,
+                "the Jigsaw baseline trains on VISSL's Jigsaw augmentation (resize, flip, crop, "
+                "grayscale 0.66), which has no resized crop, colour jitter or photometric ops",
+            )
             for key in AUGMENT_KEYS:
-                if getattr(self, key) is not None:
-                    raise UserError(
-                        f"--{key.replace('_', '-')} {getattr(self, key)}: the Jigsaw baseline "
-                        "trains on VISSL's Jigsaw augmentation (resize, flip, crop, grayscale "
-                        "0.66), which has no resized crop, colour jitter or photometric ops"
-                    )
                 del base[key]
             base.pop("lr", None)  # 0.1 x batch / 256, below
             base.update(JIGSAW_PAPER if self.data else JIGSAW_EMBEDDED)
@@ -215,13 +215,14 @@ class PretrainConfig:
             self.method == "npid"
             and (self.npid_augment or NPID_DEFAULT[bool(self.data)]) == "vissl"
         ):
-            for key in ("hue", "photometric", "patch_augment"):
-                if getattr(self, key) is not None:
-                    raise UserError(
-                        f"--{key.replace('_', '-')} {getattr(self, key)}: NPID++ trains on VISSL's "
-                        "NPID++ augmentation (jitter with hue 0.4, crop, flip); "
-                        "--npid-augment pirl gives it PIRL's image view"
-                    )
+            unused = ("hue", "photometric", "patch_augment")
+            refuse_given(
+                self,
+                unused,
+                "NPID++ trains on VISSL's NPID++ augmentation (jitter with hue 0.4, crop, flip); "
+                "--npid-augment pirl gives it PIRL's image view",
+            )
+            for key in unused:
                 del base[key]
         cfg = dataclasses.replace(self)
         for key, value in base.items():
@@ -282,6 +283,13 @@ class PretrainConfig:
         if cfg.lr <= 0:
             raise UserError(f"--lr {cfg.lr}: must be positive")
         return cfg
+
+
+def refuse_given(cfg: PretrainConfig, keys: tuple[str, ...], why: str) -> None:
+    """One line for the first of these settings the user gave that the recipe would ignore."""
+    for key in keys:
+        if getattr(cfg, key) is not None:
+            raise UserError(f"--{key.replace('_', '-')} {getattr(cfg, key)}: {why}")
 
 
 class PirlModel(nn.Module):
